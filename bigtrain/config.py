@@ -1,0 +1,336 @@
+"""The typed schema of a run.
+
+One YAML file (or several, later ones win) plus ``a.b.c=value`` overrides give a
+:class:`Config`. Every section is a small pydantic model with ``extra="forbid"``,
+so a typo is an error that names the key and suggests the nearest valid one,
+instead of a silently ignored setting discovered three days into a run.
+
+Bad input raises :class:`ConfigError` with one line naming the key, the value and
+what was expected; the CLI turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: a config, a command line, a data directory or a checkpoint."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# Presets are defaults for the model section; keys written in the YAML win.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, seq_len=1024, vocab_size=50257,
+                      norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True),
+    "gpt2-350m": dict(n_layer=24, n_head=16, d_model=1024, seq_len=1024, vocab_size=50257,
+                      norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True),
+    "llama-1b": dict(n_layer=22, n_head=32, d_model=2048, d_ff=5632, seq_len=2048, vocab_size=32000,
+                     norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
+}
+
+
+class ModelConfig(Section):
+    """The transformer. ``vocab_size: auto`` is read from the prepared data's manifest."""
+    preset: Optional[str] = None
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=1)
+    d_ff: Optional[int] = Field(None, ge=1, description="MLP width; default 4*d_model (gelu) or ~8/3*d_model (swiglu)")
+    seq_len: int = Field(128, ge=1)
+    vocab_size: Union[int, Literal["auto"]] = "auto"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0)
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    pos: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
+    bias: bool = True
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    z_loss: float = Field(0.0, ge=0, description="weight of the z-loss (log Z)^2 on the logits; 1e-4 is common")
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") is not None:
+            name = values["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+            values = {**MODEL_PRESETS[name], **values}
+        return values
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        if self.pos == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rope needs an even head dimension (d_model / n_head)")
+        if isinstance(self.vocab_size, int) and self.vocab_size < 2:
+            raise ValueError("vocab_size must be at least 2")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # LLaMA: 2/3 of 4d, rounded up to a multiple of 64
+            return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        return 4 * self.d_model
+
+
+class DataConfig(Section):
+    """A directory written by ``bigtrain prepare``."""
+    path: str = "data/stdlib"
+    val_path: Optional[str] = Field(None, description="another prepared dir to evaluate on")
+    val_fraction: float = Field(0.0, ge=0, lt=1,
+                                description="hold out this tail fraction of train when the data has no val split")
+    prefetch: int = Field(2, ge=0, description="global batches prepared ahead in a background thread")
+
+
+class RampupConfig(Section):
+    """Megatron-style batch ramp-up keyed on samples consumed (so it survives resume)."""
+    start: int = Field(..., ge=1, description="global batch size at sample 0")
+    increment: int = Field(..., ge=1, description="the batch grows by this many samples at a time")
+    samples: int = Field(..., ge=1, description="samples consumed over which it reaches batch.global_size")
+
+
+class BatchConfig(Section):
+    global_size: int = Field(32, ge=1, description="samples per optimizer step, over all ranks")
+    micro_size: int = Field(8, ge=1, description="samples per forward pass on one rank")
+    reference_size: Optional[int] = Field(None, ge=1,
+                                          description="the batch optim.lr was tuned at; default global_size")
+    rampup: Optional[RampupConfig] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "BatchConfig":
+        if self.global_size % self.micro_size:
+            raise ValueError(f"global_size={self.global_size} is not a multiple of micro_size={self.micro_size}")
+        if self.rampup is not None:
+            r = self.rampup
+            if r.start > self.global_size:
+                raise ValueError(f"rampup.start={r.start} exceeds global_size={self.global_size}")
+            if r.start % self.micro_size or r.increment % self.micro_size:
+                raise ValueError(f"rampup.start and rampup.increment must be multiples of micro_size={self.micro_size}")
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0, description="peak LR at batch.reference_size")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = Field(False, description="apply weight decay to embeddings too")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+
+class ScheduleConfig(Section):
+    scaling: Literal["linear", "sqrt", "none"] = "none"
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0, description="LR at the end of decay, at batch.reference_size")
+    max_steps: int = Field(100, ge=1)
+
+
+class ParallelConfig(Section):
+    backend: Literal["none", "fsdp", "deepspeed"] = "none"
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    reshard_after_forward: bool = True
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="save every N steps; 0: only at the end")
+    keep: int = Field(3, ge=1)
+    resume: str = Field("auto", description="auto | never | <path to a step-XXXXXXXX dir>")
+    async_save: bool = Field(False, alias="async")
+    fallback: bool = Field(False, description="if the newest checkpoint is unreadable, try older ones")
+
+
+class StabilityConfig(Section):
+    enabled: bool = True
+    window: int = Field(128, ge=2)
+    warmup: int = Field(64, ge=1, description="steps of warm-in before spikes are judged")
+    threshold: float = Field(6.0, gt=0, description="robust standard deviations above the window's median")
+    max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
+    max_rollbacks: int = Field(3, ge=0)
+    rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")
+    trace_anomalies: bool = False
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (and at the end); 0: only at the end")
+    batches: int = Field(8, ge=0)
+
+
+class LoggingConfig(Section):
+    every: int = Field(10, ge=1)
+    detail_every: int = Field(0, ge=0)
+    tensorboard: bool = True
+    progress: Literal["auto", "bar", "plain", "off"] = "auto"
+
+
+class FaultsConfig(Section):
+    """Deliberate faults for tests and demos; all off by default."""
+    spike_at: list[int] = []
+    nan_at: list[int] = []
+    crash_at: list[int] = []
+    crash_in_checkpoint_at: Optional[int] = None
+    rank: int = Field(0, ge=0)
+
+
+class Config(Section):
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    batch: BatchConfig = BatchConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    stability: StabilityConfig = StabilityConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+    def to_dict(self) -> dict:
+        return json.loads(self.model_dump_json(by_alias=True))
+
+    def reference_batch(self) -> int:
+        return self.batch.reference_size or self.batch.global_size
+
+
+# ---------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for 'did you mean')."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return None
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "config"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        names = [a for f, info in (owner.model_fields.items() if owner else []) for a in (f, info.alias) if a]
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+        return f"config error: {key}: unknown key{hint}"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"config error: {key}{shown}: {msg}"
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0])) from None
+
+
+def resolve_vocab(cfg: Config) -> Config:
+    """Fill ``model.vocab_size: auto`` from the prepared data's manifest, when present."""
+    if cfg.model.vocab_size != "auto":
+        return cfg
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if manifest.is_file():
+        try:
+            cfg.model.vocab_size = int(json.loads(manifest.read_text())["vocab_size"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json is unreadable ({e})") from None
+    return cfg
+
+
+def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Layer YAML files in order, then ``key=value`` overrides; validate; resolve ``vocab_size: auto``."""
+    tree: dict = {}
+    for p in paths:
+        tree = _merge(tree, _read_yaml(p))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return resolve_vocab(build_config(tree))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
