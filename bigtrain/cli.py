@@ -1,0 +1,80 @@
+"""``bigtrain <command>``: the commands users type (see DESIGN.md).
+
+Each command is a small function; heavy imports happen inside it so that
+``bigtrain --help`` is instant. Bad input anywhere (config, data, checkpoint,
+command line) is a :class:`ConfigError`: one line on stderr, exit status 2,
+before any process group starts and before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bigtrain.config import ConfigError
+
+
+def cmd_prepare(args) -> int:
+    from bigtrain.data.prepare import prepare
+    manifest = prepare(args.source, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                       overwrite=args.overwrite)
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in manifest["splits"].items())
+    print(f"prepared {args.out} (vocab {manifest['vocab_size']}, {manifest['dtype']}; {splits})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from bigtrain.config import load_config
+    from bigtrain.parallel.env import init_distributed, shutdown
+    from bigtrain.trainer import Trainer, check_world, open_splits
+
+    cfg = load_config(args.config, overrides=args.overrides)
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
+    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    splits = open_splits(cfg)  # verifies the shards before any process group starts
+    env = init_distributed(cfg.parallel.device)
+    try:
+        trainer = Trainer(cfg, env, splits)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        if env.is_main:
+            print(f"run: {cfg.run_dir}\ntensorboard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}")
+    finally:
+        shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain GPT-style language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into shards")
+    p.add_argument("--source", required=True, help="stdlib | PATH | GLOB | hf:PATH (a local dataset)")
+    p.add_argument("--tokenizer", required=True, help="bytes | char | bpe:N | DIR")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train from a YAML config (one process, or under torchrun/deepspeed)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    # deepspeed's launcher appends --local_rank=N; everything else unknown is an error.
+    unknown = [u for u in unknown if not u.startswith("--local_rank")]
+    if unknown:
+        print(f"bigtrain: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2

@@ -1,0 +1,148 @@
+"""Metrics: ``metrics.jsonl``, TensorBoard, the console, and MFU.
+
+Only rank 0 writes. ``metrics.jsonl`` is the machine-readable record (one JSON
+object per logged step; eval lines carry ``val_loss``); TensorBoard gets the same
+scalars under ``train/`` and ``eval/``. The console shows a tqdm bar with ETA
+on a terminal and a plain line per interval elsewhere, so SLURM logs stay
+readable.
+
+MFU = achieved FLOP/s / peak FLOP/s. Achieved FLOPs per token come from the
+model (6N + 12·L·d·T). The peak comes from a table for known GPUs and, on a
+CPU, from a short matmul probe measured once per machine, dtype and thread count
+and cached under ``~/.cache/bigtrain``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense peak FLOP/s (no sparsity) by device-name substring and dtype.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 70e12, "fp32": 31e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp32": 30e12},
+    "V100": {"bf16": 125e12, "fp32": 15.7e12},
+}
+
+
+def _cpu_probe(dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm the kernels
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * repeats / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one device for ``precision`` (bf16 | fp32)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return table[precision]
+        return float("nan")
+    key = f"{platform.processor() or platform.machine()}-{torch.get_num_threads()}t-{precision}"
+    cache = Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain")) / "cpu_peak.json"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = _cpu_probe(torch.bfloat16 if precision == "bf16" else torch.float32)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(table))
+        except OSError:
+            pass
+    return table[key]
+
+
+class Progress:
+    """tqdm bar on a terminal; a plain line every logged step otherwise."""
+
+    def __init__(self, mode: str, total: int, initial: int):
+        self.bar = None
+        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.plain = mode in ("plain", "auto") and self.bar is None
+        self.total = total
+        self.start = time.time()
+        self.start_step = initial
+
+    def update(self, step: int, record: dict) -> None:
+        text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} " \
+               f"tok/s {record['tokens_per_s']:,.0f} mfu {record['mfu']:.1%}"
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        elif self.plain:
+            done = max(1, step - self.start_step)
+            eta = (time.time() - self.start) / done * (self.total - step)
+            print(f"step {step}/{self.total} {text} eta {eta / 60:.1f}m", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsLogger:
+    """Writes scalars for rank 0; every other rank gets a logger that does nothing."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: str,
+                 total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.tb = None
+        self.progress = None
+        if not enabled:
+            return
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        self.progress = Progress(progress, total_steps, start_step) if progress != "off" else None
+
+    def scalars(self, step: int, record: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if prefix == "train" and self.progress is not None:
+            self.progress.update(step, record)
+
+    def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_histogram(name, values.detach().float().cpu(), step)
+
+    def text(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.progress is not None:
+            self.progress.close()

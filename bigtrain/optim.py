@@ -1,0 +1,74 @@
+"""Parameter groups, AdamW, the LR schedule and the batch-size scaling rules.
+
+``optim.lr`` is the peak LR *at* ``batch.reference_size``. The LR actually used
+at a step is
+
+    lr(step, B) = scale(B / reference) * base(step)
+
+where ``base`` is linear warmup from 0 to ``optim.lr`` over ``warmup_steps``,
+then cosine/linear/constant decay to ``schedule.min_lr`` at ``max_steps``, and
+``scale`` is ``k`` (linear rule, Goyal et al.), ``sqrt(k)`` (Adam's rule,
+Malladi et al.) or 1. Both the peak and the floor are scaled, so a ramped-up
+batch follows the same curve shape at its own size. Everything is a pure
+function of (step, batch size, config): resume needs no scheduler state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bigtrain.config import Config
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Decay matrices only: biases and norm gains are scale parameters, embeddings
+    are lookups whose rows see few gradients (decay would shrink rare tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "emb" in name.split(".")[-2] if "." in name else False
+        if p.ndim < 2 or (is_embedding and not decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.decay_embeddings)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+
+
+def batch_scale(batch_size: int, cfg: Config) -> float:
+    k = batch_size / cfg.reference_batch()
+    return {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[cfg.schedule.scaling]
+
+
+def base_lr(step: int, cfg: Config) -> float:
+    """LR at ``step`` (0-based) before batch scaling."""
+    s, peak = cfg.schedule, cfg.optim.lr
+    if step < s.warmup_steps:
+        return peak * (step + 1) / s.warmup_steps
+    if s.decay == "constant":
+        return peak
+    span = max(1, s.max_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    if s.decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return s.min_lr + (peak - s.min_lr) * shape
+
+
+def lr_at(step: int, batch_size: int, cfg: Config) -> float:
+    return batch_scale(batch_size, cfg) * base_lr(step, cfg)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

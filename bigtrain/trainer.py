@@ -1,0 +1,191 @@
+"""The training loop.
+
+:meth:`Trainer.train_step` is the recipe: run every micro-batch forward and
+backward, reduce the loss over ranks, measure the global gradient norm, let the
+stability policy judge the step, then clip and update, or skip. Everything else
+(which samples a step reads, how the model is sharded, when to checkpoint, what
+to log) lives in its own module and is wired together in :meth:`Trainer.__init__`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bigtrain.config import Config, ConfigError, save_config
+from bigtrain.data.dataset import open_data
+from bigtrain.data.loader import Batch, BatchLoader
+from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.metrics import MetricsLogger, peak_flops
+from bigtrain.model.gpt import GPT
+from bigtrain.optim import lr_at
+from bigtrain.parallel.backend import build_backend
+from bigtrain.parallel.env import DistEnv, seed_everything
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``position`` is in the global sample stream; ``samples`` counts
+    samples trained on (it drives ramp-up); both are saved in every checkpoint."""
+    step: int = 0
+    position: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """Every batch size the run will use must split evenly over ranks and micro-batches."""
+    sizes = {cfg.batch.global_size}
+    if cfg.batch.rampup is not None:
+        sizes |= {cfg.batch.rampup.start, cfg.batch.rampup.increment}
+    for size in sorted(sizes):
+        if size % (cfg.batch.micro_size * world):
+            raise ConfigError(f"config error: batch size {size} is not a multiple of "
+                              f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
+
+
+def open_splits(cfg: Config):
+    """(train split, val split or None) for the configured data."""
+    data = open_data(cfg.data.path)
+    train, val = data.split("train"), None
+    if cfg.data.val_path:
+        other = open_data(cfg.data.val_path)
+        val = other.split("val" if other.has_split("val") else "train")
+    elif data.has_split("val") and data.split("val").num_samples(cfg.model.seq_len) > 0:
+        val = data.split("val")
+    elif cfg.data.val_fraction > 0:
+        train, val = train.tail(cfg.data.val_fraction)
+    if train.num_samples(cfg.model.seq_len) == 0:
+        raise ConfigError(f"data.path {cfg.data.path!r}: fewer than seq_len+1={cfg.model.seq_len + 1} "
+                          "training tokens")
+    return data, train, val
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, splits=None):
+        self.cfg, self.env = cfg, env
+        check_world(cfg, env.world)
+        self.data, self.train_split, self.val_split = splits or open_splits(cfg)
+        if cfg.model.vocab_size != self.data.vocab_size:
+            raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
+                              f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
+        self.run_dir = Path(cfg.run_dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        env.barrier()
+
+        if cfg.parallel.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.seed)  # same init on every rank
+        self.model = GPT(cfg.model)
+        torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
+        self.backend = build_backend(self.model, cfg, env)
+
+        self.state = TrainState()
+        self.order = SampleOrder(self.train_split.num_samples(cfg.model.seq_len), cfg.seed)
+        self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
+                                  env.device, cfg.data.prefetch)
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
+        self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
+                                     cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
+        self.metrics.text(f"bigtrain: {self.model.num_params() / 1e6:.2f}M parameters "
+                          f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
+                          f"backend={self.backend.name}, world={env.world}, device={env.device}, "
+                          f"precision={cfg.parallel.precision}")
+
+    # ------------------------------------------------------------------ the recipe
+    def batch_size(self, samples: int) -> int:
+        return batch_size_at(samples, self.cfg.batch)
+
+    def train_step(self, batch: Batch) -> dict:
+        cfg, backend = self.cfg, self.backend
+        local_tokens = batch.tokens[:, 1:].numel()
+        micro = list(batch.micro_batches(cfg.batch.micro_size))
+        loss = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(micro):
+            loss += backend.forward_backward(inputs, targets, scale=1.0 / local_tokens,
+                                             last=i == len(micro) - 1)
+        loss = backend.mean_over_ranks(loss)          # token-weighted mean over the global batch
+        grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
+        finite = math.isfinite(float(loss)) and math.isfinite(float(grad_norm))
+        verdict = "ok" if finite else "nonfinite"
+        lr = lr_at(self.state.step, batch.size, cfg)
+        clip = 1.0
+        if verdict == "ok":
+            clip = backend.clip(grad_norm, cfg.optim.grad_clip)
+            backend.step(lr)
+        backend.zero_grad()
+        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": lr,
+                "clipped": clip < 1.0, "verdict": verdict}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        cfg, state = self.cfg, self.state
+        self.backend.train()
+        window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
+        while state.step < cfg.schedule.max_steps:
+            size = self.batch_size(state.samples)
+            batch = self.loader.get(state.position, size, self.batch_size(state.samples + size))
+            result = self.train_step(batch)
+            state.step += 1
+            state.position = batch.next_position
+            state.samples += batch.size
+            state.tokens += batch.size * cfg.model.seq_len
+            window["tokens"] += batch.size * cfg.model.seq_len
+            window["clipped"] += result["clipped"]
+            window["steps"] += 1
+            if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
+                self.log_train(result, window)
+            if cfg.eval.every and state.step % cfg.eval.every == 0:
+                self.evaluate()
+        if not (cfg.eval.every and state.step % cfg.eval.every == 0):
+            self.evaluate()
+        return state
+
+    def log_train(self, result: dict, window: dict) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - window["t0"]
+        tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
+        record = {"loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                  "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
+                  "mfu": self.flops_per_token * tokens_per_s / self.peak,
+                  "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
+                  "batch_size": self.batch_size(self.state.samples)}
+        if self.env.device.type == "cuda":
+            record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.scalars(self.state.step, record)
+        window.update(t0=time.perf_counter(), tokens=0, clipped=0, steps=0)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Val loss (token-weighted over ranks) on the first ``eval.batches`` global
+        batches of the val split, in order: the same samples at every eval."""
+        cfg = self.cfg
+        if self.val_split is None or cfg.eval.batches == 0:
+            return None
+        seq, world, micro = cfg.model.seq_len, self.env.world, cfg.batch.micro_size
+        n = min(self.val_split.num_samples(seq), cfg.eval.batches * cfg.batch.global_size)
+        n -= n % world
+        if n == 0:
+            return None
+        self.backend.train(False)
+        mine = torch.arange(n)[self.env.rank::world].numpy()
+        total = torch.zeros((), device=self.env.device)
+        for i in range(0, len(mine), micro):
+            rows = torch.from_numpy(self.val_split.batch(mine[i:i + micro], seq)).to(self.env.device)
+            total += self.backend.eval_loss_sum(rows[:, :-1], rows[:, 1:])
+        self.backend.train(True)
+        val_loss = float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
+        self.metrics.scalars(self.state.step, {"val_loss": val_loss,
+                                               "val_ppl": math.exp(min(val_loss, 50))}, prefix="eval")
+        return val_loss
+
+    def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()
