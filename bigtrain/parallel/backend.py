@@ -11,15 +11,27 @@ single-process path and the 2-rank CPU path one code path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel.env import DistEnv
+
+
+def prepare_blocks(model: GPT, cfg: Config) -> None:
+    """Activation checkpointing and ``torch.compile``, per block and in place, so that
+    parameter names (and therefore checkpoints and exports) are unchanged."""
+    for block in model.blocks:
+        if cfg.parallel.activation_checkpointing:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if cfg.parallel.compile:
+            block.compile()
 
 
 class Backend:
@@ -110,8 +122,7 @@ class LocalBackend(Backend):
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
         super().__init__(model.to(env.device), cfg, env)
-        if cfg.parallel.compile:
-            self.model = torch.compile(model)
+        prepare_blocks(model, cfg)
         self.optimizer = build_optimizer(self.raw_model, cfg)
 
     def forward_backward(self, inputs, targets, scale, last):

@@ -1,0 +1,59 @@
+"""``parallel.backend: fsdp``: FSDP2 (``fully_shard``) on every block and at the root.
+
+Why this layout: sharding each transformer block separately lets FSDP gather
+one block's parameters at a time (peak memory = one block unsharded), and
+the root call covers the embeddings, final norm and head. Mixed precision keeps
+fp32 master weights and optimizer state, computes in bf16, and reduces
+gradients in fp32 so the sum over many ranks does not lose bits.
+
+FSDP averages gradients over ranks; each rank's loss is already the token mean
+of its own equal share of the global batch, so the average is the global
+token-weighted mean. The model is built whole (same seed on every rank) and then
+sharded, so the sharded run starts from exactly the single-process weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from bigtrain.config import Config
+from bigtrain.model.gpt import GPT
+from bigtrain.optim import build_optimizer
+from bigtrain.parallel.backend import Backend, prepare_blocks
+from bigtrain.parallel.env import DistEnv
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv):
+        model = model.to(env.device)
+        prepare_blocks(model, cfg)
+        p = cfg.parallel
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if p.precision == "bf16" else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        super().__init__(model, cfg, env)
+        self.optimizer = build_optimizer(model, cfg)
+
+    def no_sync(self, skip_sync: bool):
+        # Accumulate unsharded-free: FSDP2 reduce-scatters only on the last micro-batch.
+        self.model.set_requires_gradient_sync(not skip_sync)
+        return super().no_sync(skip_sync)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+
+    def grad_norm(self) -> torch.Tensor:
+        """Sum of squares over this rank's shards, all-reduced: the exact global norm."""
+        grads = self.grads()
+        sq = torch.zeros((), device=self.env.device)
+        if grads:
+            sq = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
+        return self.env.all_reduce(sq.reshape(1)).sqrt().reshape(())
