@@ -1,0 +1,161 @@
+"""Read a prepared data directory: memory-mapped shards presented as one token stream per split.
+
+A sample is a window of ``seq_len + 1`` tokens (inputs plus the shifted targets).
+Sample ``i`` of a split is tokens ``[i*(seq_len+1), (i+1)*(seq_len+1))`` of the split's
+concatenated shards: windows do not overlap and may cross shard boundaries, so the
+number of samples depends only on the token count, not on how it was sharded.
+
+``open_data`` checks everything it can before training starts (manifest, sizes,
+and by default every shard's sha256, streamed so nothing large is held in memory):
+a corrupted or truncated shard should stop a run at launch, not hours into it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bigtrain.config import ConfigError
+from bigtrain.data.prepare import FORMAT_VERSION
+from bigtrain.data.tokenizer import Tokenizer, load_tokenizer
+
+HASH_CHUNK = 2**22
+
+
+class TokenSplit:
+    """Tokens ``[start, end)`` of the concatenation of some memory-mapped shards."""
+
+    def __init__(self, shards: Sequence[np.ndarray], start: int = 0, end: int | None = None):
+        self._shards = list(shards)
+        sizes = [len(s) for s in self._shards]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.start = start
+        self.end = int(self._offsets[-1]) if end is None else end
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+    def read(self, offset: int, length: int) -> np.ndarray:
+        """``length`` tokens from ``offset`` (relative to this split) as int64, across shards."""
+        if offset < 0 or length < 0 or offset + length > self.tokens:
+            raise IndexError(f"tokens [{offset}, {offset + length}) outside a split of {self.tokens} tokens")
+        pos, stop = self.start + offset, self.start + offset + length
+        parts = []
+        k = int(np.searchsorted(self._offsets, pos, side="right")) - 1
+        while pos < stop:
+            base = int(self._offsets[k])
+            take = min(stop, int(self._offsets[k + 1])) - pos
+            parts.append(self._shards[k][pos - base: pos - base + take])
+            pos += take
+            k += 1
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def num_samples(self, seq_len: int) -> int:
+        return self.tokens // (seq_len + 1)
+
+    def sample(self, i: int, seq_len: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples(seq_len):
+            raise IndexError(f"sample {i} outside [0, {self.num_samples(seq_len)}) at seq_len={seq_len}")
+        return self.read(i * (seq_len + 1), seq_len + 1)
+
+    def batch(self, indices: Sequence[int], seq_len: int) -> np.ndarray:
+        """Samples ``indices`` stacked into an int64 array ``[len(indices), seq_len + 1]``."""
+        out = np.empty((len(indices), seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(indices):
+            out[row] = self.sample(int(i), seq_len)
+        return out
+
+    def tail(self, fraction: float) -> tuple["TokenSplit", "TokenSplit"]:
+        """Split into (head, tail) where the tail holds the last ``fraction`` of the tokens.
+
+        This is how a run holds out validation data when the prepared dir has no ``val``
+        split (``data.val_fraction``). The cut is by token so that it does not depend on
+        ``seq_len``; each part then counts its own samples from its own start.
+        """
+        if not 0 <= fraction < 1:
+            raise ValueError(f"fraction={fraction}: expected 0 <= fraction < 1")
+        cut = self.end - round(self.tokens * fraction)
+        return TokenSplit(self._shards, self.start, cut), TokenSplit(self._shards, cut, self.end)
+
+
+class PreparedData:
+    """A directory written by :func:`bigtrain.data.prepare.prepare`, opened and checked."""
+
+    def __init__(self, path: Path, manifest: dict, splits: dict[str, TokenSplit]):
+        self.path, self.manifest, self._splits = path, manifest, splits
+        self.vocab_size: int = int(manifest["vocab_size"])
+        self.eot_id: int = int(manifest["eot_id"])
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self._splits)
+
+    def has_split(self, name: str) -> bool:
+        return name in self._splits
+
+    def split(self, name: str) -> TokenSplit:
+        if name not in self._splits:
+            raise ConfigError(f"data dir {str(self.path)!r} has no {name!r} split (it has: {', '.join(self._splits)})")
+        return self._splits[name]
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path / self.manifest["tokenizer"].get("dir", "tokenizer"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(root: Path) -> dict:
+    if not root.is_dir():
+        raise ConfigError(f"data dir {str(root)!r} not found; create it with `bigtrain prepare --out {root}`")
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"data dir {str(root)!r} has no manifest.json; is it a `bigtrain prepare` output?") from None
+    except ValueError as e:
+        raise ConfigError(f"data dir {str(root)!r}: manifest.json is not valid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"data dir {str(root)!r}: manifest format_version {manifest.get('format_version')!r}, "
+                          f"expected {FORMAT_VERSION}")
+    missing = [k for k in ("vocab_size", "eot_id", "dtype", "splits", "tokenizer") if k not in manifest]
+    if missing:
+        raise ConfigError(f"data dir {str(root)!r}: manifest.json lacks {', '.join(missing)}")
+    return manifest
+
+
+def _open_shard(root: Path, shard: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
+    path = root / shard["file"]
+    if not path.is_file():
+        raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} is missing")
+    expected = int(shard["tokens"]) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} has {size} bytes, expected {expected} "
+                          f"({shard['tokens']} {dtype.name} tokens); it is truncated or corrupted")
+    if verify and _sha256(path) != shard["sha256"]:
+        raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} is corrupted (sha256 mismatch); "
+                          "prepare the data again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_data(path: str, verify: bool = True) -> PreparedData:
+    """Open a prepared dir; ``verify`` re-hashes every shard (seconds per GB) to catch silent corruption."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")  # prepare writes little-endian
+    splits = {}
+    for name, info in manifest["splits"].items():
+        shards = [_open_shard(root, s, dtype, verify) for s in info["shards"] if int(s["tokens"]) > 0]
+        splits[name] = TokenSplit(shards)
+    return PreparedData(root, manifest, splits)

@@ -1,0 +1,173 @@
+"""The global sample order: the one place that decides which sample every step reads.
+
+* The data is ``N`` samples. Epoch ``e`` visits them in ``permutation(N, seed, e)``, and the
+  epochs concatenate into one infinite stream: stream position ``p`` holds sample
+  ``permutation(N, seed, p // N)[p % N]``.
+* The trainer's data position is a stream position, saved in every checkpoint.
+* A global batch of size ``B`` is the next ``B`` stream positions not covered by the
+  *skip ledger*: sorted half-open ranges ``[start, end)`` of positions never to be read
+  (the data windows a stability rollback stepped over).
+* Rank ``r`` of ``W`` takes columns ``r::W`` of the global batch.
+
+So a batch depends only on (seed, position, ledger, B): never on the world size, the
+micro-batch size or the number of loader workers. A run resumed on another world size
+sees the same batches, and ``bigtrain inspect`` can say exactly what step N trained on.
+
+The permutation is a keyed bijection computed per index, not a shuffled array: a
+4-round Feistel network over ``2**k >= N`` with cycle walking (an index that lands
+outside ``[0, N)`` is encrypted again until it lands inside; this stays a bijection on
+``[0, N)``). That costs O(1) memory for any ``N``, so a trillion-sample stream needs
+no index file, and it is built only from blake2b and 64-bit integer arithmetic
+written out here, so the order can never change under us with a numpy RNG upgrade.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+from typing import Iterable
+
+import numpy as np
+
+from bigtrain.config import BatchConfig, ConfigError
+
+_ROUNDS = 4
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's multipliers
+
+
+def _round_keys(seed: int, epoch: int) -> np.ndarray:
+    digest = hashlib.blake2b(f"bigtrain-order:{seed}:{epoch}".encode(), digest_size=8 * _ROUNDS).digest()
+    return np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A 64-bit avalanche hash of ``x ^ key`` (the splitmix64 finalizer): the Feistel round function."""
+    z = x ^ key
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half: int) -> np.ndarray:
+    """A bijection on ``[0, 2**(2*half))``: ``half`` is the width of each of the two halves."""
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    left, right = x >> shift, x & mask
+    for key in keys:
+        left, right = right, left ^ (_mix(right, key) & mask)
+    return (left << shift) | right
+
+
+def permute(n: int, seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
+    """``permutation(n, seed, epoch)[index]`` without materializing the permutation."""
+    if n < 1:
+        raise ValueError(f"cannot permute {n} samples")
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"index outside [0, {n})")
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2  # balanced halves: the domain 2**(2*half) is under 4n, so walks are short
+    keys = _round_keys(seed, epoch)
+    out = _feistel(idx.astype(np.uint64), keys, half)
+    todo = np.flatnonzero(out >= np.uint64(n))
+    while todo.size:
+        out[todo] = _feistel(out[todo], keys, half)
+        todo = todo[out[todo] >= np.uint64(n)]
+    return out.astype(np.int64)
+
+
+def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The whole order of epoch ``epoch`` (O(n) memory: for tests and inspection)."""
+    return permute(n, seed, epoch, np.arange(n))
+
+
+class SampleOrder:
+    """The infinite sample stream of one run and its skip ledger."""
+
+    def __init__(self, num_samples: int, seed: int, skip: Iterable[tuple[int, int]] = ()):
+        if num_samples < 1:
+            raise ConfigError("the data holds no sample of seq_len + 1 tokens; use more data or a shorter seq_len")
+        self.num_samples, self.seed = int(num_samples), int(seed)
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for start, end in skip:
+            self.add_skip(start, end)
+
+    @property
+    def skips(self) -> list[tuple[int, int]]:
+        """The ledger as sorted, disjoint ``(start, end)`` ranges: what a checkpoint saves."""
+        return list(zip(self._starts, self._ends))
+
+    def add_skip(self, start: int, end: int) -> None:
+        """Never read stream positions ``[start, end)``; overlapping or touching ranges merge."""
+        start, end = int(start), int(end)
+        if start < 0 or end < start:
+            raise ValueError(f"bad skip range [{start}, {end})")
+        if start == end:
+            return
+        lo = bisect.bisect_left(self._ends, start)   # first range ending at or after start
+        hi = bisect.bisect_right(self._starts, end)  # ranges before hi start at or before end
+        if lo < hi:
+            start, end = min(start, self._starts[lo]), max(end, self._ends[hi - 1])
+        self._starts[lo:hi] = [start]
+        self._ends[lo:hi] = [end]
+
+    def sample_at(self, positions: np.ndarray) -> np.ndarray:
+        """The sample index at each stream position."""
+        pos = np.asarray(positions, dtype=np.int64)
+        epochs, index = np.divmod(pos, self.num_samples)
+        out = np.empty_like(pos)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = permute(self.num_samples, self.seed, int(epoch), index[where])
+        return out
+
+    def next_batch(self, position: int, size: int) -> tuple[np.ndarray, int]:
+        """The next ``size`` unskipped stream positions at or after ``position``, and the new position.
+
+        Walks the ledger range by range, so a skip of billions of positions costs nothing.
+        """
+        if position < 0 or size < 0:
+            raise ValueError(f"bad position {position} or size {size}")
+        parts, need = [], size
+        k = bisect.bisect_right(self._ends, position)  # first range that ends after position
+        while need:
+            if k < len(self._starts) and self._starts[k] <= position:
+                position = self._ends[k]
+                k += 1
+                continue
+            free_until = self._starts[k] if k < len(self._starts) else position + need
+            take = min(need, free_until - position)
+            parts.append(np.arange(position, position + take, dtype=np.int64))
+            position += take
+            need -= take
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), position
+
+    @staticmethod
+    def rank_columns(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+        """Rank ``rank``'s share of a global batch: rows ``rank::world``."""
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        if len(batch) % world:
+            raise ValueError(f"world size {world} does not divide the global batch of {len(batch)}")
+        return batch[rank::world]
+
+
+def batch_size_at(samples: int, cfg: BatchConfig) -> int:
+    """The global batch size after ``samples`` consumed samples (Megatron-style ramp-up).
+
+    The batch starts at ``rampup.start`` and grows by ``rampup.increment`` every
+    ``rampup.samples / n`` samples, ``n = (global_size - start) / increment``, reaching
+    ``global_size`` after ``rampup.samples``. Keyed on samples, not steps, so a resumed run
+    and a run with another batch schedule agree on where in the ramp they are.
+    """
+    ramp = cfg.rampup
+    if ramp is None:
+        return cfg.global_size
+    grow = cfg.global_size - ramp.start
+    if grow % ramp.increment:
+        raise ConfigError(f"batch.rampup.increment={ramp.increment} does not divide "
+                          f"global_size - start = {cfg.global_size} - {ramp.start} = {grow}")
+    increments = grow // ramp.increment
+    if increments == 0 or samples >= ramp.samples:
+        return cfg.global_size
+    done = samples * increments // ramp.samples  # exact floor(samples / (ramp.samples / increments))
+    return ramp.start + done * ramp.increment
