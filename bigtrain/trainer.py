@@ -19,6 +19,7 @@ from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
@@ -93,6 +94,8 @@ class Trainer:
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
         self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
                                      cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
+        self.ledger = Ledger(self.run_dir, env.is_main)
+        self.ledger.tb = self.metrics.tb
         self.metrics.text(f"bigtrain: {self.model.num_params() / 1e6:.2f}M parameters "
                           f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
