@@ -96,8 +96,9 @@ class DataConfig(Section):
     """A directory written by ``bigtrain prepare``."""
     path: str = "data/stdlib"
     val_path: Optional[str] = Field(None, description="another prepared dir to evaluate on")
-    val_fraction: float = Field(0.0, ge=0, lt=1,
-                                description="hold out this tail fraction of train when the data has no val split")
+    val_fraction: float = Field(0.005, ge=0, lt=1,
+                                description="when the data has no val split (e.g. one document), hold out "
+                                            "this tail fraction of train tokens for eval")
     prefetch: int = Field(2, ge=0, description="global batches prepared ahead in a background thread")
 
 
