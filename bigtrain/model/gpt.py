@@ -1,0 +1,239 @@
+"""The transformer: a GPT-style pre-norm decoder in one file, read top to bottom.
+
+    x = drop(tok_emb(idx) [+ pos_emb(positions)])
+    for each block:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+    logits = lm_head(norm_f(x))
+
+Options (see ``ModelConfig``): LayerNorm or RMSNorm, GELU or SwiGLU MLP, learned
+or rotary positions, biases on or off, QK-norm, dropout, tied embeddings. Two
+combinations are bit-for-bit the Hugging Face architectures we export to:
+``layernorm + gelu + learned + bias`` is ``GPT2LMHeadModel`` (hence the tanh
+GELU, GPT-2's "gelu_new") and ``rmsnorm + swiglu + rope + no bias`` is
+``LlamaForCausalLM`` (hence HF's rotate-half RoPE convention).
+
+Nothing distributed lives here: FSDP/DeepSpeed wrap this module from outside,
+which is why the init is a re-runnable method (build on ``meta``, ``to_empty``,
+then ``init_weights()``) and why the loss is a free function returning sums.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bigtrain.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """LayerNorm (bias iff ``cfg.bias``) or RMSNorm (never a bias)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_cos_sin(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim], computed in fp32 as HF LLaMA does.
+
+    Frequencies ``theta ** (-arange(0, hd, 2) / hd)`` are repeated as
+    ``cat([freqs, freqs])`` to pair with :func:`rotate_half`, not interleaved.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    positions = torch.arange(cfg.seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dimension (HF LLaMA's convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, hd] by position; cos/sin [T, hd] broadcast over B and H."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    One fused ``qkv`` projection (its rows are q, k, v in that order, each split
+    into heads contiguously) so it maps directly onto GPT-2's ``c_attn`` and onto
+    LLaMA's separate ``q_proj``/``k_proj``/``v_proj``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # QK-norm bounds the attention logits, a cheap guard against loss spikes.
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)  # each [B, T, H, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        if rope is not None:
+            cos, sin = (t[:T].to(q.dtype) for t in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU (tanh approximation, as GPT-2) ``proj(gelu(fc(x)))`` or SwiGLU ``proj(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if self.kind == "gelu":
+            self.fc = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        else:
+            self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+            self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            h = F.gelu(self.fc(x), approximate="tanh")
+        else:
+            h = F.silu(self.gate(x)) * self.up(x)
+        return self.resid_drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """One pre-norm residual block; FSDP shards (and checkpoints) at this granularity."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The language model: token ids [B, T] in, logits [B, T, vocab] out (no loss inside)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg.vocab_size, int):
+            raise ValueError("model.vocab_size is 'auto': resolve it from the prepared data's manifest "
+                             "(or set an integer) before building the model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            # Derived from the config, so kept out of checkpoints (persistent=False).
+            cos, sin = rope_cos_sin(cfg, self.tok_emb.weight.device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The project's init: Linear/Embedding weights N(0, init_std), the two residual-stream
+        writers (``attn.proj``, ``mlp.proj``) N(0, init_std / sqrt(2 * n_layer)) so the residual's
+        variance does not grow with depth (GPT-2), biases zero, norm weights one.
+
+        Only in-place ops, so it also initialises a model built on ``meta`` and then
+        ``to_empty(device=...)``; the rope tables (not parameters) are refilled for the same reason.
+        A plain ``to_empty`` gives the tied head its own storage, so the tie is restored first
+        (a no-op when it held, e.g. under FSDP2's ``fully_shard``).
+        """
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+        if self.rope_cos is not None:
+            cos, sin = rope_cos_sin(self.cfg, self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.lm_head(self.norm_f(x))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counted once). ``non_embedding`` leaves out the token
+        and position tables and an untied ``lm_head`` (the Kaplan et al. convention)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates ties
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), for MFU:
+        ``6 * (N_non_embedding + V * d) + 12 * n_layer * d_model * seq_len``.
+
+        The PaLM / torchtitan formula, with one choice written down: the LM head's matmul
+        (``6 * V * d``) is always counted, tied or not, because it is real compute either way;
+        the embedding lookups are gathers and are not. The attention term uses the full
+        ``seq_len`` (no causal halving), as PaLM and torchtitan do, so MFUs compare.
+        """
+        c = self.cfg
+        head = c.vocab_size * c.d_model
+        return 6.0 * (self.num_params(non_embedding=True) + head) + 12.0 * c.n_layer * c.d_model * c.seq_len
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_sum, z_sum)`` over all tokens, in fp32.
+
+    Sums, not means: the trainer divides by the global token count, so the step's loss is the
+    token-weighted mean over the whole global batch whatever the micro-batching and rank count.
+    ``z_sum = z_loss * sum(logsumexp(logits) ** 2)`` (PaLM's z-loss) keeps the softmax normaliser
+    near one; it is a zero tensor when ``z_loss == 0``.
+    """
+    logits = logits.float().reshape(-1, logits.size(-1))
+    targets = targets.reshape(-1)
+    ce_sum = F.cross_entropy(logits, targets, reduction="sum")
+    if z_loss == 0.0:
+        return ce_sum, torch.zeros((), device=logits.device)
+    z_sum = z_loss * torch.logsumexp(logits, dim=-1).pow(2).sum()
+    return ce_sum, z_sum

@@ -1,0 +1,259 @@
+"""The transformer: parameter count, equivalence with HF GPT-2 / LLaMA, init, training, causality."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from bigtrain.config import ModelConfig
+from bigtrain.model.gpt import GPT, lm_loss
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, d_model=64, seq_len=32, vocab_size=97)
+    return ModelConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- size and FLOPs
+
+def test_gpt2_124m_matches_gpt2_small_parameter_count():
+    cfg = ModelConfig(preset="gpt2-124m")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == 124_439_808
+    assert model.num_params(non_embedding=True) == 124_439_808 - 50257 * 768 - 1024 * 768
+    # 6 * (N_non_embedding + V * d) + 12 * L * d * T, the head matmul counted once.
+    assert model.flops_per_token() == 6 * (85_056_000 + 50257 * 768) + 12 * 12 * 768 * 1024
+
+
+def test_untied_head_counts_as_a_parameter_but_not_non_embedding():
+    tied, untied = GPT(tiny(tie_embeddings=True)), GPT(tiny(tie_embeddings=False))
+    assert untied.num_params() - tied.num_params() == 97 * 64
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True)
+    assert untied.flops_per_token() == tied.flops_per_token()
+
+
+# ---------------------------------------------------------------- equivalence with Hugging Face
+
+def to_hf_gpt2(model: GPT):
+    """Our weights in a GPT2LMHeadModel; HF's Conv1D stores weights as [in, out], hence the .T."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.cfg
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.seq_len, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True))
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias}
+    for i, b in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        for ours, theirs in [(b.norm1, "ln_1"), (b.norm2, "ln_2")]:
+            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = ours.weight, ours.bias
+        for ours, theirs in [(b.attn.qkv, "attn.c_attn"), (b.attn.proj, "attn.c_proj"),
+                             (b.mlp.fc, "mlp.c_fc"), (b.mlp.proj, "mlp.c_proj")]:
+            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = ours.weight.T, ours.bias
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.eval()
+
+
+def to_hf_llama(model: GPT):
+    """Our weights in a LlamaForCausalLM; the fused qkv rows are q, k, v in that order."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.cfg
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+        max_position_embeddings=c.seq_len, rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu"))
+    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm_f.weight,
+          "lm_head.weight": model.lm_head.weight}
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = b.attn.qkv.weight.chunk(3, dim=0)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.attn.proj.weight,
+                   p + "mlp.gate_proj.weight": b.mlp.gate.weight, p + "mlp.up_proj.weight": b.mlp.up.weight,
+                   p + "mlp.down_proj.weight": b.mlp.proj.weight,
+                   p + "input_layernorm.weight": b.norm1.weight, p + "post_attention_layernorm.weight": b.norm2.weight})
+    hf.load_state_dict(sd, strict=True)
+    return hf.eval()
+
+
+def randomize(model: GPT) -> None:
+    """Move away from the init, which would hide mistakes: norm weights/biases are 1/0 there
+    (a swapped or missing norm), biases 0, and activations so small that GELU's tanh and erf
+    forms agree to 1e-6. Block weights ~ N(0, 1/fan_in) keep activations O(1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.startswith("blocks."):
+                p.normal_(0, p.shape[1] ** -0.5)
+
+
+def test_logits_equal_hf_gpt2():
+    torch.manual_seed(0)
+    model = GPT(tiny(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True)).eval()
+    randomize(model)
+    hf = to_hf_gpt2(model)
+    idx = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_logits_equal_hf_llama():
+    torch.manual_seed(0)
+    model = GPT(tiny(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
+                     rope_theta=500.0, norm_eps=1e-6)).eval()
+    randomize(model)
+    hf = to_hf_llama(model)
+    idx = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- init
+
+def test_init_statistics_and_tying():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=8, d_model=256, n_head=8, vocab_size=512, bias=True))
+    std, proj_std = 0.02, 0.02 / math.sqrt(16)
+    for b in model.blocks:
+        for w, want in [(b.attn.qkv.weight, std), (b.mlp.fc.weight, std),
+                        (b.attn.proj.weight, proj_std), (b.mlp.proj.weight, proj_std)]:
+            assert abs(w.std().item() - want) < 0.05 * want
+            assert abs(w.mean().item()) < 0.05 * want
+        for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj):
+            assert torch.all(lin.bias == 0)
+        for norm in (b.norm1, b.norm2):
+            assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    assert abs(model.tok_emb.weight.std().item() - std) < 0.05 * std
+    assert abs(model.pos_emb.weight.std().item() - std) < 0.05 * std
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head.bias is None
+
+
+def test_init_after_meta_and_to_empty_gives_a_working_model():
+    cfg = tiny(pos="rope", norm="rmsnorm", qk_norm=True)
+    reference = GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.tok_emb.weight  # to_empty unties; init_weights re-ties
+    assert model.num_params() == reference.num_params()
+    assert torch.equal(model.rope_cos, reference.rope_cos) and torch.equal(model.rope_sin, reference.rope_sin)
+    assert "rope_cos" not in model.state_dict()
+    for b in model.blocks:
+        assert torch.all(b.attn.q_norm.weight == 1) and torch.all(b.norm1.weight == 1)
+        assert abs(b.attn.qkv.weight.std().item() - 0.02) < 0.002
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (2, 33))
+    ce, _ = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+    assert abs(ce.item() / 64 - math.log(97)) < 0.1
+
+
+# ---------------------------------------------------------------- behaviour
+
+COMBOS = list(itertools.product(["layernorm", "rmsnorm"], ["gelu", "swiglu"], ["learned", "rope"],
+                                [True, False], [False, True]))
+
+
+@pytest.mark.parametrize("norm,mlp,pos,bias,qk_norm", COMBOS)
+def test_every_option_combination_trains(norm, mlp, pos, bias, qk_norm):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, vocab_size=64, norm=norm, mlp=mlp,
+                            pos=pos, bias=bias, qk_norm=qk_norm, tie_embeddings=bias))
+    idx = torch.randint(0, 64, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        ce, z = lm_loss(model(x), y, z_loss=1e-4)
+        loss = (ce + z) / y.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_qk_norm_normalises_each_head_of_q_and_k():
+    """With QK-norm, scaling one head's query or key rows changes nothing (up to the norm's eps,
+    made negligible here); without, it does."""
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        model = GPT(tiny(qk_norm=qk_norm, bias=False, pos="rope", norm_eps=1e-10)).eval()
+        assert (model.blocks[0].attn.q_norm is None) != qk_norm
+        if qk_norm:  # RMS over head_dim, as OLMo-2 / Qwen3 (a LayerNorm would also pass the scaling check)
+            assert isinstance(model.blocks[0].attn.k_norm, torch.nn.RMSNorm)
+            assert model.blocks[0].attn.k_norm.normalized_shape == (16,)
+        randomize(model)
+        with torch.no_grad():
+            before = model(idx)
+            rows = model.blocks[0].attn.qkv.weight.view(3, 4, 16, 64)  # (q/k/v, head, head_dim, d)
+            rows[0, 1].mul_(5.0)
+            rows[1, 2].mul_(0.2)
+            after = model(idx)
+        change = (before - after).abs().max().item()
+        assert change < 1e-5 if qk_norm else change > 1e-2
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_causality(pos):
+    torch.manual_seed(0)
+    model = GPT(tiny(pos=pos)).eval()
+    idx = torch.randint(0, 97, (1, 32))
+    changed = idx.clone()
+    t = 20
+    changed[0, t] = (idx[0, t] + 1) % 97
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+    assert (a[:, t:] - b[:, t:]).abs().amax(dim=-1).min() > 1e-4  # every later position sees it
+
+
+def test_initial_loss_is_log_vocab():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=256))
+    idx = torch.randint(0, 256, (8, 33))
+    with torch.no_grad():
+        ce, z = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+    assert abs(ce.item() / (8 * 32) - math.log(256)) < 0.1
+    assert z.item() == 0.0
+
+
+def test_lm_loss_returns_fp32_sums_and_z_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11).to(torch.bfloat16)
+    targets = torch.randint(0, 11, (2, 5))
+    ce, z = lm_loss(logits, targets, z_loss=1e-3)
+    assert ce.dtype == torch.float32 and z.dtype == torch.float32
+    flat = logits.float().reshape(-1, 11)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(flat, targets.reshape(-1)) * 10)
+    torch.testing.assert_close(z, 1e-3 * (torch.logsumexp(flat, -1) ** 2).sum())
+
+
+def test_dropout_is_active_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.2))
+    idx = torch.randint(0, 97, (2, 32))
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_too_long_sequence_raises():
+    model = GPT(tiny(seq_len=8))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 97)
+
+
+def test_unresolved_vocab_raises():
+    with pytest.raises(ValueError, match="auto"):
+        GPT(ModelConfig(vocab_size="auto"))
