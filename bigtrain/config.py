@@ -40,24 +40,24 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 class ModelConfig(Section):
     """The transformer. ``vocab_size: auto`` is read from the prepared data's manifest."""
-    preset: Optional[str] = None
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=1)
+    preset: Optional[str] = Field(None, description="gpt2-124m | gpt2-350m | llama-1b: defaults for this section; keys you set win")
+    n_layer: int = Field(4, ge=1, description="transformer blocks")
+    n_head: int = Field(4, ge=1, description="attention heads; must divide d_model")
+    d_model: int = Field(128, ge=1, description="residual stream width")
     d_ff: Optional[int] = Field(None, ge=1, description="MLP width; default 4*d_model (gelu) or ~8/3*d_model (swiglu)")
-    seq_len: int = Field(128, ge=1)
-    vocab_size: Union[int, Literal["auto"]] = "auto"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = Field(1e-5, gt=0)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    pos: Literal["learned", "rope"] = "learned"
-    rope_theta: float = Field(10000.0, gt=0)
-    bias: bool = True
-    tie_embeddings: bool = True
-    qk_norm: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
+    seq_len: int = Field(128, ge=1, description="context length; samples are seq_len+1 tokens")
+    vocab_size: Union[int, Literal["auto"]] = Field("auto", description="auto: from the prepared data manifest")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="layernorm | rmsnorm")
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of every norm")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="gelu (tanh approximation, as GPT-2) | swiglu")
+    pos: Literal["learned", "rope"] = Field("learned", description="learned absolute positions | rope")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    bias: bool = Field(True, description="biases in linear layers and LayerNorm")
+    tie_embeddings: bool = Field(True, description="LM head shares the token embedding")
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys per head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="embedding, attention and residual dropout")
     z_loss: float = Field(0.0, ge=0, description="weight of the z-loss (log Z)^2 on the logits; 1e-4 is common")
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, description="std of N(0, std) init; residual projections get std/sqrt(2*n_layer)")
 
     @model_validator(mode="before")
     @classmethod
@@ -94,7 +94,7 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     """A directory written by ``bigtrain prepare``."""
-    path: str = "data/stdlib"
+    path: str = Field("data/stdlib", description="a directory written by `bigtrain prepare`")
     val_path: Optional[str] = Field(None, description="another prepared dir to evaluate on")
     val_fraction: float = Field(0.005, ge=0, lt=1,
                                 description="when the data has no val split (e.g. one document), hold out "
@@ -114,7 +114,7 @@ class BatchConfig(Section):
     micro_size: int = Field(8, ge=1, description="samples per forward pass on one rank")
     reference_size: Optional[int] = Field(None, ge=1,
                                           description="the batch optim.lr was tuned at; default global_size")
-    rampup: Optional[RampupConfig] = None
+    rampup: Optional[RampupConfig] = Field(None, description="{start, increment, samples}: grow the batch with samples consumed")
 
     @model_validator(mode="after")
     def _check(self) -> "BatchConfig":
@@ -131,61 +131,61 @@ class BatchConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="peak LR at batch.reference_size")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay on matrices (not biases, norms, embeddings)")
     decay_embeddings: bool = Field(False, description="apply weight decay to embeddings too")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
 class ScheduleConfig(Section):
-    scaling: Literal["linear", "sqrt", "none"] = "none"
-    warmup_steps: int = Field(0, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    scaling: Literal["linear", "sqrt", "none"] = Field("none", description="LR scaling from batch.reference_size to the actual batch: linear | sqrt | none")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to the peak LR")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine | linear | constant, from warmup_steps to max_steps")
     min_lr: float = Field(0.0, ge=0, description="LR at the end of decay, at batch.reference_size")
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps in the run")
 
 
 class ParallelConfig(Section):
-    backend: Literal["none", "fsdp", "deepspeed"] = "none"
+    backend: Literal["none", "fsdp", "deepspeed"] = Field("none", description="none (one replica per process) | fsdp (FSDP2) | deepspeed (ZeRO)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
-    precision: Literal["bf16", "fp32"] = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    reshard_after_forward: bool = True
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast / bf16 params with fp32 master weights; fp32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
+    compile: bool = Field(False, description="torch.compile each block")
+    reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
 
 
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="save every N steps; 0: only at the end")
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, description="committed checkpoints kept (newest)")
     resume: str = Field("auto", description="auto | never | <path to a step-XXXXXXXX dir>")
-    async_save: bool = Field(False, alias="async")
+    async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training goes on")
     fallback: bool = Field(False, description="if the newest checkpoint is unreadable, try older ones")
 
 
 class StabilityConfig(Section):
-    enabled: bool = True
-    window: int = Field(128, ge=2)
+    enabled: bool = Field(True, description="spike/NaN detection and the skip/rollback/abort guard")
+    window: int = Field(128, ge=2, description="steps of loss/grad-norm history for the robust statistics")
     warmup: int = Field(64, ge=1, description="steps of warm-in before spikes are judged")
     threshold: float = Field(6.0, gt=0, description="robust standard deviations above the window's median")
     max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
-    max_rollbacks: int = Field(3, ge=0)
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run aborts")
     rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")
-    trace_anomalies: bool = False
+    trace_anomalies: bool = Field(False, description="on a non-finite step, re-run it to name the first module that produced NaN/inf")
 
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every N steps (and at the end); 0: only at the end")
-    batches: int = Field(8, ge=0)
+    batches: int = Field(8, ge=0, description="global batches of the val split per evaluation")
 
 
 class LoggingConfig(Section):
-    every: int = Field(10, ge=1)
-    detail_every: int = Field(0, ge=0)
-    tensorboard: bool = True
-    progress: Literal["auto", "bar", "plain", "off"] = "auto"
+    every: int = Field(10, ge=1, description="log train metrics every N steps")
+    detail_every: int = Field(0, ge=0, description="per-layer norms, update ratios, activations every N steps; 0: off")
+    tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
+    progress: Literal["auto", "bar", "plain", "off"] = Field("auto", description="auto: a bar on a terminal, plain lines otherwise")
 
     @field_validator("progress", mode="before")
     @classmethod
@@ -195,16 +195,16 @@ class LoggingConfig(Section):
 
 class FaultsConfig(Section):
     """Deliberate faults for tests and demos; all off by default."""
-    spike_at: list[int] = []
-    nan_at: list[int] = []
-    crash_at: list[int] = []
-    crash_in_checkpoint_at: Optional[int] = None
-    rank: int = Field(0, ge=0)
+    spike_at: list[int] = Field([], description="steps whose batches are corrupted so the loss spikes")
+    nan_at: list[int] = Field([], description="steps whose gradient gets a NaN on faults.rank")
+    crash_at: list[int] = Field([], description="steps at which faults.rank is killed with SIGKILL")
+    crash_in_checkpoint_at: Optional[int] = Field(None, description="kill -9 in the middle of writing this step's checkpoint")
+    rank: int = Field(0, ge=0, description="the rank that the NaN and crash faults hit")
 
 
 class Config(Section):
-    run_dir: str = "runs/default"
-    seed: int = 1234
+    run_dir: str = Field("runs/default", description="everything a run writes goes under here")
+    seed: int = Field(1234, description="seeds init, the sample order and dropout")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     batch: BatchConfig = BatchConfig()
@@ -336,6 +336,27 @@ def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ())
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return resolve_vocab(build_config(tree))
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from this schema (a test keeps them equal)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = prefix + (info.alias or name)
+            ann = info.annotation
+            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type)
+                        and issubclass(c, BaseModel)), None)
+            if sub is not None and name != "rampup":
+                walk(sub, key + ".")
+                continue
+            default = "required" if info.is_required() else json.dumps(info.default)
+            meaning = (info.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{default}` | {meaning} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
