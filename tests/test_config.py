@@ -101,3 +101,13 @@ def test_weight_decay_groups():
     assert all(p.ndim == 2 and "emb" not in names[id(p)] for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} >= {"tok_emb.weight", "pos_emb.weight"}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from bigtrain.config import reference_markdown
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
+    assert block == reference_markdown(), "README config reference is stale: regenerate it with " \
+        "python -c 'from bigtrain.config import reference_markdown as r; print(r())'"
