@@ -94,3 +94,16 @@ def test_cli_train_end_to_end_and_bad_data(shakespeare_bytes, tmp_path):
     r = bigtrain(["train", "configs/smoke.yaml", *tiny_overrides(shakespeare_bytes, tmp_path / "r2",
                                                                   model__vocab_size=300)])
     assert r.returncode == 2 and "vocab_size=300" in r.stderr
+
+
+def test_corrupted_shard_is_refused_before_training(shakespeare_bytes, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare_bytes, data)
+    shard = sorted(data.glob("train-*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    r = bigtrain(["train", "configs/smoke.yaml", *tiny_overrides(str(data), tmp_path / "run")])
+    assert r.returncode == 2 and shard.name in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
