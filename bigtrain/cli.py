@@ -26,6 +26,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from bigtrain.config import load_config
     from bigtrain.parallel.env import init_distributed, shutdown
+    from bigtrain.stability.guard import StabilityAbort
     from bigtrain.trainer import Trainer, check_world, open_splits
 
     cfg = load_config(args.config, overrides=args.overrides)
@@ -38,12 +39,25 @@ def cmd_train(args) -> int:
         trainer = Trainer(cfg, env, splits)
         try:
             trainer.fit()
+        except StabilityAbort as e:  # every rank reaches it; say it once
+            if env.is_main:
+                print(str(e), file=sys.stderr)
+            return e.exit_code
         finally:
             trainer.close()
         if env.is_main:
             print(f"run: {cfg.run_dir}\ntensorboard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}")
     finally:
         shutdown()
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from bigtrain.inspect import format_report, inspect_step
+    report = inspect_step(args.run_dir, args.step, args.data, args.chars)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -63,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("inspect", help="decode the samples a step trained on")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--data", help="the prepared data dir, if it moved since the run")
+    p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -19,12 +19,14 @@ from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.faults import Faults, check_faults
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
+from bigtrain.stability.guard import Guard
 
 
 @dataclass
@@ -46,14 +48,16 @@ def check_world(cfg: Config, world: int) -> None:
         if size % (cfg.batch.micro_size * world):
             raise ConfigError(f"config error: batch size {size} is not a multiple of "
                               f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
+    check_faults(cfg, world)
 
 
-def open_splits(cfg: Config):
-    """(train split, val split or None) for the configured data."""
-    data = open_data(cfg.data.path)
+def open_splits(cfg: Config, verify: bool = True):
+    """(prepared data, train split, val split or None) for the configured data;
+    ``verify`` re-hashes the shards (``bigtrain inspect`` skips that)."""
+    data = open_data(cfg.data.path, verify)
     train, val = data.split("train"), None
     if cfg.data.val_path:
-        other = open_data(cfg.data.val_path)
+        other = open_data(cfg.data.val_path, verify)
         val = other.split("val" if other.has_split("val") else "train")
     elif data.has_split("val") and data.split("val").num_samples(cfg.model.seq_len) > 0:
         val = data.split("val")
@@ -96,10 +100,14 @@ class Trainer:
                                      cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
+        self.guard = Guard(cfg.stability, env, self.ledger)
+        self.faults = Faults(cfg, env.rank, env.world)
         self.metrics.text(f"bigtrain: {self.model.num_params() / 1e6:.2f}M parameters "
                           f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
+        if self.faults.describe():
+            self.metrics.text(self.faults.describe())
 
     # ------------------------------------------------------------------ the recipe
     def batch_size(self, samples: int) -> int:
@@ -113,18 +121,20 @@ class Trainer:
         for i, (inputs, targets) in enumerate(micro):
             loss += backend.forward_backward(inputs, targets, scale=1.0 / local_tokens,
                                              last=i == len(micro) - 1)
-        loss = backend.mean_over_ranks(loss)          # token-weighted mean over the global batch
+        self.faults.corrupt_grads(self.state.step + 1, backend)
+        local_nonfinite = not math.isfinite(float(loss))
+        loss = float(backend.mean_over_ranks(loss))   # token-weighted mean over the global batch
         grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
-        finite = math.isfinite(float(loss)) and math.isfinite(float(grad_norm))
-        verdict = "ok" if finite else "nonfinite"
+        local_nonfinite |= not math.isfinite(float(grad_norm))  # this rank's grads: any NaN/inf shows here
+        verdict = self.guard.judge(loss, float(grad_norm), local_nonfinite)  # the same on every rank
         lr = lr_at(self.state.step, batch.size, cfg)
         clip = 1.0
-        if verdict == "ok":
+        if verdict.apply:
             clip = backend.clip(grad_norm, cfg.optim.grad_clip)
             backend.step(lr)
         backend.zero_grad()
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": lr,
-                "clipped": clip < 1.0, "verdict": verdict}
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "batch_size": batch.size,
+                "clipped": clip < 1.0, "verdict": verdict.kind}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -133,7 +143,8 @@ class Trainer:
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
             size = self.batch_size(state.samples)
-            batch = self.loader.get(state.position, size, self.batch_size(state.samples + size))
+            batch = self.faults.corrupt_batch(
+                self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             result = self.train_step(batch)
             state.step += 1
             state.position = batch.next_position
@@ -144,6 +155,8 @@ class Trainer:
             window["steps"] += 1
             if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
                 self.log_train(result, window)
+            if self.guard.after_step(self, batch):
+                continue  # rolled back: the state is the checkpoint's
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 self.evaluate()
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
@@ -159,7 +172,7 @@ class Trainer:
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": self.batch_size(self.state.samples)}
+                  "batch_size": result["batch_size"], **self.guard.counters()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.state.step, record)

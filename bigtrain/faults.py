@@ -1,0 +1,71 @@
+"""Deliberate fault injection, for tests and demos. Everything is off by default and
+the trainer announces in its log whatever is switched on.
+
+Step numbers are 1-based, as in ``metrics.jsonl``: "step N" is the N-th update.
+
+* ``faults.spike_at: [N, ...]``: the batches that steps N read (in a run without
+  rollbacks) are bad data: their tokens are replaced with random ones, so the loss
+  and the gradient norm genuinely spike through the real forward and backward.
+  The fault belongs to the *data* (stream positions), as real bad data does: a
+  rollback that skips the window leaves it behind for good, and a resumed run meets
+  it again at the same step. The random tokens are drawn for the whole global batch
+  and then split by rank, so the corrupted batch is the same at any world size.
+* ``faults.nan_at: [N, ...]``: after the backward of step N (and after any gradient
+  all-reduce), a NaN is written into a gradient on rank ``faults.rank`` only. Only
+  that rank can see it, so this tests that every rank still skips the update.
+"""
+from __future__ import annotations
+
+import torch
+
+from bigtrain.config import Config, ConfigError
+from bigtrain.data.loader import Batch
+from bigtrain.data.order import batch_size_at
+
+
+def check_faults(cfg: Config, world: int) -> None:
+    """The faulty rank must exist (checked before any process group starts)."""
+    if cfg.faults.nan_at and cfg.faults.rank >= world:
+        raise ConfigError(f"config error: faults.rank={cfg.faults.rank} does not exist in a world of {world}")
+
+
+def nominal_windows(steps: list[int], cfg: Config) -> list[tuple[int, int]]:
+    """Stream positions ``[start, end)`` that each of ``steps`` reads in a run without skips."""
+    wanted, windows, position = set(steps), [], 0
+    for step in range(1, max(steps, default=0) + 1):
+        size = batch_size_at(position, cfg.batch)  # without skips, samples consumed == position
+        if step in wanted:
+            windows.append((position, position + size))
+        position += size
+    return windows
+
+
+class Faults:
+    def __init__(self, cfg: Config, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.bad_data = nominal_windows(cfg.faults.spike_at, cfg)
+
+    def describe(self) -> str | None:
+        """One line for the log when any fault is on, else None."""
+        f = self.cfg.faults
+        on = [f"spike_at={f.spike_at} (stream positions {self.bad_data})"] if f.spike_at else []
+        on += [f"nan_at={f.nan_at} on rank {f.rank}"] if f.nan_at else []
+        return "FAULT INJECTION ON: " + "; ".join(on) if on else None
+
+    def corrupt_batch(self, batch: Batch) -> Batch:
+        """Random tokens in place of a batch that reads any bad-data position."""
+        pos = batch.positions
+        if not any(((pos >= a) & (pos < b)).any() for a, b in self.bad_data):
+            return batch
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(pos[0]))
+        rows = torch.randint(self.cfg.model.vocab_size, (batch.size, batch.tokens.shape[1]), generator=g)
+        batch.tokens = rows[self.rank::self.world].to(batch.tokens.device)
+        return batch
+
+    def corrupt_grads(self, step: int, backend) -> None:
+        """A NaN in the first non-empty gradient of rank ``faults.rank`` at steps ``nan_at``."""
+        if step not in self.cfg.faults.nan_at or self.rank != self.cfg.faults.rank:
+            return
+        grad = next((g for g in backend.grads() if g.numel()), None)
+        if grad is not None:
+            grad.view(-1)[0] = float("nan")
