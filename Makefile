@@ -23,7 +23,8 @@ demo: install
 	@echo "TensorBoard logs: runs/smoke/tb   (view: $(VENV)/bin/tensorboard --logdir runs/smoke/tb)"
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	scripts/ensure-slurm.sh
+	OMP_NUM_THREADS=1 $(PY) -m pytest -rs tests
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b; done
