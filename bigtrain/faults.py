@@ -24,9 +24,13 @@ from bigtrain.data.order import batch_size_at
 
 
 def check_faults(cfg: Config, world: int) -> None:
-    """The faulty rank must exist (checked before any process group starts)."""
+    """Refuse a fault that cannot be injected (checked before any process group starts)."""
     if cfg.faults.nan_at and cfg.faults.rank >= world:
         raise ConfigError(f"config error: faults.rank={cfg.faults.rank} does not exist in a world of {world}")
+    if cfg.faults.nan_at and cfg.parallel.backend == "deepspeed":
+        # DeepSpeed moves reduced gradients into its own partition buffers: no .grad to poison
+        raise ConfigError("config error: faults.nan_at needs parallel.backend none or fsdp "
+                          "(use faults.spike_at with deepspeed)")
 
 
 def nominal_windows(steps: list[int], cfg: Config) -> list[tuple[int, int]]:
@@ -67,5 +71,6 @@ class Faults:
         if step not in self.cfg.faults.nan_at or self.rank != self.cfg.faults.rank:
             return
         grad = next((g for g in backend.grads() if g.numel()), None)
-        if grad is not None:
-            grad.view(-1)[0] = float("nan")
+        if grad is None:
+            raise RuntimeError(f"faults.nan_at: rank {self.rank} holds no gradient to corrupt at step {step}")
+        grad.view(-1)[0] = float("nan")
