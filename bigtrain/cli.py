@@ -61,6 +61,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    import json
+
+    from bigtrain.config import load_config
+    from bigtrain.preflight import run_preflight
+    cfg = load_config(args.config, overrides=args.overrides)
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
+    report = run_preflight(cfg, num_samples=args.samples, overfit_steps=args.overfit_steps,
+                           overfit_target=args.overfit_target, lr_range=args.lr_range,
+                           lr_range_steps=args.lr_range_steps)
+    print(json.dumps(report.to_dict()) if args.json else report.format())
+    return 0 if report.passed else 1
+
+
+def cmd_report(args) -> int:
+    from bigtrain.report import draw_report
+    drawn = draw_report(args.run_dir, args.out)
+    for path in drawn["files"]:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("preflight", help="check data, parameters, initial loss and one-batch overfitting "
+                                         "before a run (exit 1 when a check fails)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
+    p.add_argument("--samples", type=int, default=3, help="samples of the first batch to decode")
+    p.add_argument("--overfit-steps", type=int, default=150)
+    p.add_argument("--overfit-target", type=float, default=0.1,
+                   help="the one-batch loss must fall below this fraction of ln(vocab)")
+    p.add_argument("--lr-range", action="store_true", help="also run an LR range test")
+    p.add_argument("--lr-range-steps", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser("report", help="PNG plots of a finished or running run, with its ledger's events")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="where to write the PNGs (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -20,6 +20,7 @@ from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import SampleOrder, batch_size_at
 from bigtrain.faults import Faults, check_faults
+from bigtrain.health import Health
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
 from bigtrain.model.gpt import GPT
@@ -101,6 +102,7 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
         self.guard = Guard(cfg.stability, env, self.ledger)
+        self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
         self.metrics.text(f"bigtrain: {self.model.num_params() / 1e6:.2f}M parameters "
                           f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
@@ -145,7 +147,9 @@ class Trainer:
             size = self.batch_size(state.samples)
             batch = self.faults.corrupt_batch(
                 self.loader.get(state.position, size, self.batch_size(state.samples + size)))
+            self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
+            self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
             state.step += 1
             state.position = batch.next_position
             state.samples += batch.size
