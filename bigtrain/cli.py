@@ -25,31 +25,38 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from bigtrain.config import load_config
-    from bigtrain.parallel.env import init_distributed, shutdown
+    from bigtrain.parallel.env import fail_fast, init_distributed, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
     from bigtrain.trainer import Trainer, check_world, open_splits
 
     cfg = load_config(args.config, overrides=args.overrides)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
-    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
-    env = init_distributed(cfg.parallel.device)
+    env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")
     try:
-        trainer = Trainer(cfg, env, splits)
-        try:
-            trainer.fit()
-        except StabilityAbort as e:  # every rank reaches it; say it once
-            if env.is_main:
-                print(str(e), file=sys.stderr)
-            return e.exit_code
-        finally:
-            trainer.close()
+        with fail_fast(env):  # an exception on one rank ends the whole job now, not at a timeout
+            trainer = Trainer(cfg, env, splits)
+            try:
+                trainer.fit()
+            except StabilityAbort as e:  # every rank reaches it; say it once
+                if env.is_main:
+                    print(str(e), file=sys.stderr)
+                return e.exit_code
+            finally:
+                trainer.close()
         if env.is_main:
             print(f"run: {cfg.run_dir}\ntensorboard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}")
     finally:
         shutdown()
     return 0
+
+
+def cmd_launch(args) -> int:
+    from bigtrain.launch import Topology, launch
+    topo = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    return launch(args.config, args.overrides, topo, args.launcher, args.dry_run)
 
 
 def cmd_inspect(args) -> int:
@@ -101,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="print and run the torchrun or deepspeed command for a config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.backend=fsdp")
+    p.add_argument("--nproc-per-node", type=int, required=True, help="processes per node (one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, help="this node's rank (needed by the deepspeed launcher)")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT on the first node; needed with --nnodes > 1")
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], help="default: by parallel.backend")
+    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.set_defaults(func=cmd_launch)
+
     p = sub.add_parser("inspect", help="decode the samples a step trained on")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True)
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     # deepspeed's launcher appends --local_rank=N; everything else unknown is an error.
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
+    if hasattr(args, "overrides"):  # argparse hands back key=value given after an option
+        args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
+        unknown = [u for u in unknown if "=" not in u or u.startswith("-")]
     if unknown:
         print(f"bigtrain: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from bigtrain.parallel.env import DistEnv, pick_device, seed_everything
 from bigtrain.trainer import open_splits
 
 INIT_LOSS_TOLERANCE = 0.1   # |initial loss - ln V| may be at most this fraction of ln V
-DIVERGED = 4.0              # the LR sweep stops when the smoothed loss exceeds this x its minimum
+DIVERGED = 4.0              # a loss above this x its minimum (LR sweep) or its start (overfit) has diverged
 
 
 @dataclass
@@ -235,22 +235,26 @@ class Preflight:
         return [grads, init]
 
     def check_overfit(self, backend: LocalBackend, steps: int, target: float) -> Check:
-        """Memorise the first micro-batch at the configured LR, after a warmup of 10% of the steps."""
+        """Memorise the first micro-batch at the configured LR, after a warmup of 10% of the steps.
+        Stops early once the loss is below ``target``, or has diverged (non-finite, or above
+        ``DIVERGED`` x its initial value after the warmup)."""
         warmup = max(1, steps // 10)
-        curve = []
+        curve: list[float] = []
         for step in range(steps):
             loss, _ = self.train_step(backend, self.rows, self.lr * min(1.0, (step + 1) / warmup))
             curve.append(loss)
-            if not math.isfinite(loss) or loss < target:
+            diverged = not math.isfinite(loss) or (step >= warmup and loss > DIVERGED * curve[0])
+            if diverged or loss < target:
                 break
         final = curve[-1]
         details = {"curve": curve, "target": target, "lr": self.lr, "steps": len(curve)}
-        if math.isfinite(final) and final < target:
-            return Check("overfit", "pass", f"{curve[0]:.3f} -> {final:.3f} < {target:.3f} in {len(curve)} steps "
-                                            f"at lr {self.lr:.2e}", details)
-        return Check("overfit", "fail", f"{curve[0]:.3f} -> {final:.3f} after {len(curve)} steps at lr "
-                                        f"{self.lr:.2e}, target < {target:.3f}: lower the LR or check the "
-                                        "model/optimizer", details)
+        head = f"{curve[0]:.3f} -> {final:.3f}"
+        if final < target:
+            return Check("overfit", "pass", f"{head} < {target:.3f} in {len(curve)} steps at lr {self.lr:.2e}",
+                         details)
+        why = "diverged: lower the LR" if diverged else "lower the LR or check the model/optimizer"
+        return Check("overfit", "fail", f"{head} after {len(curve)} steps at lr {self.lr:.2e}, target < "
+                                        f"{target:.3f}: {why}", details)
 
     def check_lr_range(self, backend: LocalBackend, steps: int, lr_min: float, lr_max: float) -> Check:
         """Exponential sweep over successive micro-batches of the global order, one update per LR."""

@@ -88,6 +88,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)  # same init on every rank
         self.model = GPT(cfg.model)
+        # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
+        n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
+        self.flops_per_token = self.model.flops_per_token()
         torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
         self.backend = build_backend(self.model, cfg, env)
 
@@ -95,7 +98,6 @@ class Trainer:
         self.order = SampleOrder(self.train_split.num_samples(cfg.model.seq_len), cfg.seed)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
-        self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
         self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
                                      cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
@@ -104,8 +106,7 @@ class Trainer:
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
-        self.metrics.text(f"bigtrain: {self.model.num_params() / 1e6:.2f}M parameters "
-                          f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
+        self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
         if self.faults.describe():

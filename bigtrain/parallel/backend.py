@@ -113,6 +113,11 @@ class Backend:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, fp32, on the CPU, by name; a collective (every rank calls it
+        and gets the same tensors) when the backend shards them."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.raw_model.named_parameters()}
+
 
 class LocalBackend(Backend):
     """``parallel.backend: none``: one replica per process; gradients are all-reduced
