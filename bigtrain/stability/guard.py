@@ -95,8 +95,10 @@ class Guard:
         self.ledger.record(v.kind, step, loss=v.loss, grad_norm=v.grad_norm, **v.details, **where)
         self.ledger.record("skip", step, **where)
         self.skipped += 1
+        if not self.cfg.enabled:
+            return False
         self.episode.append({"step": step, **where})
-        if not self.cfg.enabled or len(self.episode) < self.cfg.max_consecutive:
+        if len(self.episode) < self.cfg.max_consecutive:
             return False
         if len(self.rollbacks) >= self.cfg.max_rollbacks:
             self.abort(trainer, f"anomalies persisted after {len(self.rollbacks)} rollback(s) "
