@@ -148,7 +148,8 @@ class ScheduleConfig(Section):
 
 class ParallelConfig(Section):
     backend: Literal["none", "fsdp", "deepspeed"] = Field("none", description="none (one replica per process) | fsdp (FSDP2) | deepspeed (ZeRO)")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO: 1 shards optimizer state, 2 also "
+                                                       "gradients, 3 also parameters")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast / bf16 params with fp32 master weights; fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")

@@ -3,18 +3,32 @@
 torchrun, the ``deepspeed`` launcher and SLURM all describe a process with
 environment variables; we read them once, here, so the rest of the code asks
 ``env.rank`` and never the environment. CUDA gets nccl with one device per local
-rank; CPU gets gloo. A run with one process never starts a process group.
+rank; CPU gets gloo. One process starts a process group only when its backend
+needs one (FSDP and DeepSpeed shard over a group, even a group of one).
+
+A rank that raises must end the whole job at once: its peers are blocked in a
+collective that would otherwise wait for the full process-group timeout.
+:func:`fail_fast` prints the traceback and leaves with ``os._exit``, skipping
+every cleanup that could itself block; torchrun or the deepspeed launcher then
+sees a dead worker and stops the others.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+import shutil
+import subprocess
+import sys
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from bigtrain.config import ConfigError
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -22,6 +36,36 @@ def _env_int(*names: str, default: int) -> int:
         if os.environ.get(name):
             return int(os.environ[name])
     return default
+
+
+def _in_slurm_step() -> bool:
+    """Started by ``srun`` without torchrun. The batch script itself also sees
+    ``SLURM_NTASKS`` but is one process; only a job step sets ``SLURM_STEP_NUM_TASKS``."""
+    return "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ
+
+
+def process_layout() -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` from torchrun/deepspeed (``RANK`` ...) or an srun step."""
+    if _in_slurm_step():
+        return (_env_int("SLURM_PROCID", default=0), _env_int("SLURM_STEP_NUM_TASKS", default=1),
+                _env_int("SLURM_LOCALID", default=0))
+    return (_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1),
+            _env_int("LOCAL_RANK", default=0))
+
+
+def world_size() -> int:
+    """How many processes this launch has (checked against the batch before any group starts)."""
+    return process_layout()[1]
+
+
+def _slurm_rendezvous() -> tuple[str, str]:
+    """Head node of the step and a port derived from the job id (jobs sharing a node differ)."""
+    head = "127.0.0.1"
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if nodes and shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+        head = (out.stdout.split() or [head])[0]
+    return head, str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
 
 
 @dataclass
@@ -66,37 +110,79 @@ class DistEnv:
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("parallel.device=cuda but CUDA is not available")
+            raise ConfigError("config error: parallel.device = 'cuda' but CUDA is not available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0) -> DistEnv:
-    """Start the process group when launched with more than one process.
+def _attempt_store(timeout: datetime.timedelta):
+    """The rendezvous store of this attempt, when torchrun restarted the job (``--max-restarts``).
+
+    torchrun's default (static) rendezvous hands every attempt the same store with the
+    same keys, so a restarted rank can read a dead rank's address and fail to connect.
+    Prefixing the keys with the attempt number gives each attempt a clean slate.
+    None outside torchrun: ``env://`` as usual.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"bigtrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0, group: bool = False) -> DistEnv:
+    """Start the process group when launched with more than one process, or when
+    ``group`` (a sharding backend on one process: a group of one, no network).
 
     The backend follows the device: nccl for CUDA, gloo for CPU. SLURM variables
     are a fallback for ``srun python -m bigtrain train`` without torchrun.
     """
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    rank, world, local_rank = process_layout()
     device = pick_device(device_kind, local_rank)
-    if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if _in_slurm_step() and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = _slurm_rendezvous()
+        # what torchrun would have set; DeepSpeed reads these too
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        if world == 1:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout, **kwargs)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend, timeout=timeout, store=_attempt_store(timeout),
+                                    rank=rank, world_size=world, **kwargs)
     return DistEnv(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fail_fast(env: DistEnv):
+    """Around a rank's work: on one process, exceptions propagate as usual. With
+    several, an exception ends this process now (traceback printed, or the one
+    line of a :class:`ConfigError`, exit 2), so the launcher tears the job down
+    in seconds instead of peers waiting out the collective timeout."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        if not env.distributed:
+            raise
+        if isinstance(e, ConfigError):
+            print(f"[rank {env.rank}] {e}", file=sys.stderr)
+        else:
+            print(f"[rank {env.rank}] failed; ending the job:", file=sys.stderr)
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

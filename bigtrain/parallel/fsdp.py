@@ -2,14 +2,22 @@
 
 Why this layout: sharding each transformer block separately lets FSDP gather
 one block's parameters at a time (peak memory = one block unsharded), and
-the root call covers the embeddings, final norm and head. Mixed precision keeps
-fp32 master weights and optimizer state, computes in bf16, and reduces
-gradients in fp32 so the sum over many ranks does not lose bits.
+the root call covers the embeddings, final norm and head (tied, so they must
+share one group). Mixed precision keeps fp32 master weights and optimizer
+state, computes in bf16, and reduces gradients in fp32 so the sum over many
+ranks does not lose bits.
 
-FSDP averages gradients over ranks; each rank's loss is already the token mean
-of its own equal share of the global batch, so the average is the global
-token-weighted mean. The model is built whole (same seed on every rank) and then
-sharded, so the sharded run starts from exactly the single-process weights.
+Resharding after forward frees each block's gathered weights until backward
+needs them again; the last block is the first one backward needs, so it stays
+gathered, and FSDP itself keeps the root gathered (it is needed at once).
+
+Gradients are reduce-scattered after every micro-batch, as torchtitan does:
+accumulating without sync would hold the whole model's unsharded gradients on
+every rank, which is the memory FSDP exists to save. FSDP averages over ranks;
+each rank's loss is already the token mean of its own equal share of the
+global batch, so the average is the global token-weighted mean. The model is
+built whole (same seed on every rank) and then sharded, so the sharded run
+starts from exactly the single-process weights.
 """
 from __future__ import annotations
 
@@ -36,16 +44,12 @@ class FSDPBackend(Backend):
         p = cfg.parallel
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if p.precision == "bf16" else MixedPrecisionPolicy()
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        last = len(model.blocks) - 1
+        for i, block in enumerate(model.blocks):
+            fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward and i < last)
+        fully_shard(model, mp_policy=mp)  # the root: FSDP keeps it gathered from forward to backward
         super().__init__(model, cfg, env)
         self.optimizer = build_optimizer(model, cfg)
-
-    def no_sync(self, skip_sync: bool):
-        # Accumulate unsharded-free: FSDP2 reduce-scatters only on the last micro-batch.
-        self.model.set_requires_gradient_sync(not skip_sync)
-        return super().no_sync(skip_sync)
 
     def grads(self) -> list[torch.Tensor]:
         return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
@@ -57,3 +61,6 @@ class FSDPBackend(Backend):
         if grads:
             sq = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
         return self.env.all_reduce(sq.reshape(1)).sqrt().reshape(())
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().detach().float().cpu() for n, p in self.raw_model.named_parameters()}

@@ -1,0 +1,145 @@
+"""``bigtrain launch``: the torchrun or deepspeed command for a config, printed, then run.
+
+A user should not have to remember two launchers' flags. ``bigtrain launch
+CONFIG --nproc-per-node N [overrides]`` picks the launcher from the config
+(``torchrun`` for ``parallel.backend: none | fsdp``, the ``deepspeed``
+launcher for ``deepspeed``; ``--launcher`` overrides), prints the exact
+command, so it can be copied into a job script, and then replaces itself with
+it: signals reach the launcher directly and its exit status is ours.
+
+Everything that can be checked is checked first, in this one process: the
+config, the data directory, and that the world size divides every batch size,
+so a bad launch ends in a second with one line and exit status 2, before any
+rank starts.
+
+Several nodes: run the same command on every node with ``--nnodes``,
+``--node-rank`` and ``--rdzv-endpoint HOST:PORT`` (the first node). torchrun
+meets there through its c10d rendezvous. The deepspeed launcher normally ssh-es
+into the other nodes from a hostfile; here each node starts its own launcher
+(``--no_ssh``), and the hostfile we write only tells every node how many ranks
+each node has (DeepSpeed uses the names as labels, the rendezvous is the endpoint).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigtrain.config import Config, ConfigError, load_config
+
+# What each backend is launched with when --launcher is not given.
+DEFAULT_LAUNCHER = {"none": "torchrun", "fsdp": "torchrun", "deepspeed": "deepspeed"}
+
+
+@dataclass
+class Topology:
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None   # HOST:PORT of the first node
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def check(self, launcher: str) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError(f"launch: --nproc-per-node={self.nproc_per_node} and --nnodes={self.nnodes} "
+                              "must be at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"launch: --nnodes={self.nnodes} needs --rdzv-endpoint HOST:PORT (the first node)")
+        if self.rdzv_endpoint and not self.rdzv_endpoint.rpartition(":")[2].isdigit():
+            raise ConfigError(f"launch: --rdzv-endpoint={self.rdzv_endpoint!r} is not HOST:PORT")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"launch: --node-rank={self.node_rank} is outside 0..{self.nnodes - 1}")
+        if launcher == "deepspeed" and self.nnodes > 1 and self.node_rank is None:
+            raise ConfigError("launch: the deepspeed launcher on several nodes needs --node-rank on each node")
+
+
+def _tool(name: str, module: str) -> list[str]:
+    """The launcher installed next to this python (a venv's bin/), else ``python -m module``."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.is_file() else [sys.executable, "-m", module]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(topo: Topology) -> list[str]:
+    cmd = _tool("torchrun", "torch.distributed.run") + [f"--nproc-per-node={topo.nproc_per_node}"]
+    if topo.nnodes == 1 and not topo.rdzv_endpoint:
+        return cmd + ["--standalone"]  # a local rendezvous on a free port
+    cmd += [f"--nnodes={topo.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={topo.rdzv_endpoint}",
+            f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'bigtrain')}"]
+    return cmd + ([f"--node-rank={topo.node_rank}"] if topo.node_rank is not None else [])
+
+
+def deepspeed_command(topo: Topology, hostfile: Path) -> list[str]:
+    cmd = _tool("deepspeed", "deepspeed.launcher.runner")
+    if topo.nnodes == 1 and not topo.rdzv_endpoint:
+        return cmd + [f"--num_gpus={topo.nproc_per_node}", f"--master_port={_free_port()}"]
+    host, _, port = topo.rdzv_endpoint.rpartition(":")
+    return cmd + [f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={topo.node_rank}",
+                  f"--master_addr={host}", f"--master_port={port}"]
+
+
+def write_hostfile(topo: Topology, hostfile: Path) -> None:
+    hostfile.parent.mkdir(parents=True, exist_ok=True)
+    hostfile.write_text("".join(f"node{i} slots={topo.nproc_per_node}\n" for i in range(topo.nnodes)))
+
+
+def launch_env(cfg: Config, topo: Topology, launcher: str) -> dict[str, str]:
+    """Variables the ranks need that the launcher does not set: on a CPU-only machine,
+    DeepSpeed's CPU accelerator and a fair share of the cores per rank."""
+    import torch
+    extra = {}
+    if cfg.parallel.device == "cpu" or not torch.cuda.is_available():
+        if launcher == "deepspeed" or cfg.parallel.backend == "deepspeed":
+            extra["DS_ACCELERATOR"] = "cpu"
+        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // topo.nproc_per_node))
+    return {k: v for k, v in extra.items() if k not in os.environ}
+
+
+@dataclass
+class Plan:
+    command: list[str]
+    env: dict[str, str]                 # set for the ranks, on top of ours
+    hostfile: Path | None = None        # written just before a multi-node deepspeed launch
+
+
+def build(config: str, overrides: list[str], topo: Topology, launcher: str | None = None) -> Plan:
+    """What to run for ``config`` on ``topo``; raises ConfigError on bad input."""
+    from bigtrain.trainer import check_world
+
+    cfg = load_config(config, overrides=overrides)
+    launcher = launcher or DEFAULT_LAUNCHER[cfg.parallel.backend]
+    topo.check(launcher)
+    check_world(cfg, topo.world)
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
+    train = ["train", config, *overrides]
+    env = launch_env(cfg, topo, launcher)
+    if launcher == "torchrun":
+        return Plan(torchrun_command(topo) + ["-m", "bigtrain", *train], env)
+    hostfile = Path(cfg.run_dir) / "hostfile"
+    cmd = deepspeed_command(topo, hostfile) + ["--module", "bigtrain", *train]
+    return Plan(cmd, env, hostfile if "--no_ssh" in cmd else None)
+
+
+def launch(config: str, overrides: list[str], topo: Topology, launcher: str | None = None,
+           dry_run: bool = False) -> int:
+    """Print the command and become it (``dry_run``: print only)."""
+    plan = build(config, overrides, topo, launcher)
+    print(shlex.join([f"{k}={v}" for k, v in plan.env.items()] + plan.command), flush=True)
+    if dry_run:
+        return 0
+    if plan.hostfile is not None:
+        write_hostfile(topo, plan.hostfile)
+    sys.stderr.flush()
+    os.execve(plan.command[0], plan.command, {**os.environ, **plan.env})

@@ -1,0 +1,164 @@
+"""``parallel.backend: deepspeed``: ZeRO stage 1, 2 or 3 through a DeepSpeed engine.
+
+The DeepSpeed config is generated from ours by :func:`deepspeed_config` (micro
+batch, accumulation, bf16, clipping, AdamW with our hyperparameters); nobody
+writes DeepSpeed JSON by hand, so the two can never disagree. The optimizer is
+built by DeepSpeed from that config over :func:`bigtrain.optim.param_groups`,
+and the learning rate is ours: :meth:`DeepSpeedBackend.step` writes
+``lr_at(step, batch)`` into the param groups before every update.
+
+DeepSpeed's engine has its own idea of a training step (``backward`` scales the
+loss by 1/accumulation steps, ``step`` counts micro-batches and updates on the
+boundary). Ours is different, and the mapping is:
+
+* accumulation boundary: we set it ourselves before each micro-batch
+  (``set_gradient_accumulation_boundary(last)``), so a ramped-up batch with any
+  number of micro-batches works, and gradients are reduced exactly once, after
+  the last one;
+* loss scale: our loss is already the micro-batch's share of the rank's token
+  mean, so ``backward(..., scale_wrt_gas=False)``; ZeRO then averages over ranks,
+  which makes it the token mean of the global batch (ranks hold equal tokens);
+* gradient norm: the one DeepSpeed's optimizer computes from the reduced
+  gradient partitions (the value it will clip with), identical on every rank;
+  non-finite when any rank has a NaN or inf;
+* clipping: DeepSpeed's own, inside its step, at ``optim.grad_clip``;
+* a skipped step (the stability guard calls ``zero_grad`` without ``step``):
+  DeepSpeed keeps reduced gradients in private buffers that only its ``step``
+  releases, so we run that step with the wrapped AdamW's update suppressed.
+  DeepSpeed clears its buffers by its own code; parameters, Adam moments and
+  the Adam step count are untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from bigtrain.config import Config, ConfigError
+from bigtrain.model.gpt import GPT
+from bigtrain.optim import param_groups, set_lr
+from bigtrain.parallel.backend import Backend, prepare_blocks
+from bigtrain.parallel.env import DistEnv
+
+# DeepSpeed calls collectives that torch deprecates; the warning would repeat every step.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed config dict for ``cfg`` on ``world`` ranks (at the full global batch)."""
+    p, o, b = cfg.parallel, cfg.optim, cfg.batch
+    if b.global_size % (b.micro_size * world):
+        raise ConfigError(f"config error: batch.global_size={b.global_size} is not a multiple of "
+                          f"batch.micro_size={b.micro_size} x world size {world}")
+    zero: dict = {"stage": p.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if p.zero_stage == 3:
+        # Gather every parameter when it is used (no small-parameter persistence), so that
+        # memory scales with 1/world as FSDP's does; prefetch one block ahead.
+        zero |= {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": int(5e7)}
+    return {
+        "train_batch_size": b.global_size,
+        "train_micro_batch_size_per_gpu": b.micro_size,
+        "gradient_accumulation_steps": b.global_size // (b.micro_size * world),
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": p.precision == "bf16"},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True, "foreach": True}},
+        "steps_per_print": 2**31 - 1,   # we log; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if env.device.type == "cpu" else "cuda")
+        import deepspeed
+
+        model = model.to(env.device)
+        prepare_blocks(model, cfg)
+        o = cfg.optim
+        engine, *_ = deepspeed.initialize(
+            model=model, config=deepspeed_config(cfg, env.world),
+            model_parameters=param_groups(model, o.weight_decay, o.decay_embeddings))
+        super().__init__(model, cfg, env)
+        self.engine = self.model = engine
+        self.optimizer = engine.optimizer
+        self.stage = cfg.parallel.zero_stage
+        self._unconsumed = False  # reduced gradients wait for step() or a skip
+
+    # -- forward / backward ---------------------------------------------------------
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine holds bf16 (or fp32) weights itself
+
+    def forward_backward(self, inputs, targets, scale, last):
+        self.engine.set_gradient_accumulation_boundary(last)
+        out = super().forward_backward(inputs, targets, scale, last)
+        self._unconsumed = self._unconsumed or last
+        return out
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    # -- gradients and updates -----------------------------------------------------------
+    def grad_norm(self) -> torch.Tensor:
+        """DeepSpeed's global norm over the reduced gradient partitions (it all-reduces)."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups, is_invalid_grad_norm
+        opt = self.engine.optimizer
+        norm = opt._get_norm_groups() if self.stage == 3 else [opt.scaled_global_norm()]
+        norm = combine_grad_norm_groups(norm).float() / opt.loss_scale
+        # DeepSpeed marks a NaN/inf norm as negative; ours is NaN, as for the other backends.
+        return torch.full((), math.nan) if is_invalid_grad_norm(norm) else norm.reshape(())
+
+    def clip(self, norm: torch.Tensor, max_norm: float) -> float:
+        """DeepSpeed clips inside its step, with this same norm and ``optim.grad_clip``."""
+        if max_norm <= 0 or not math.isfinite(float(norm)):
+            return 1.0
+        return min(1.0, max_norm / (float(norm) + 1e-6))
+
+    def step(self, lr: float) -> None:
+        set_lr(self.engine.optimizer, lr)
+        self.engine.step()
+        self._unconsumed = False
+
+    def zero_grad(self) -> None:
+        if self._unconsumed:  # skipped: let DeepSpeed release its gradients, update nothing
+            with self._update_suppressed():
+                self.engine.step()
+            self._unconsumed = False
+
+    @contextlib.contextmanager
+    def _update_suppressed(self):
+        adamw = self.engine.optimizer.optimizer
+        adamw.step = lambda closure=None: None  # shadows the method for this one call
+        try:
+            yield
+        finally:
+            del adamw.step
+
+    # -- state -----------------------------------------------------------------------------
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone()
+                for n, p in self.raw_model.named_parameters()}
+
+    def save_sharded(self, path: Path) -> None:
+        """Model and optimizer shards into directory ``path`` (DeepSpeed's format); every rank calls it."""
+        path = Path(path)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load_sharded(self, path: Path) -> None:
+        """Load model and optimizer shards written by :meth:`save_sharded` at the same world size."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint {str(path)!r}: no DeepSpeed shards there")
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ConfigError(f"checkpoint {str(path)!r}: DeepSpeed could not load it")
