@@ -24,6 +24,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from bigtrain.checkpoint import select as select_checkpoint
     from bigtrain.config import load_config
     from bigtrain.parallel.env import fail_fast, init_distributed, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
@@ -34,6 +35,8 @@ def cmd_train(args) -> int:
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
+    # a bad checkpoint stops here too; rank 0 reads every byte, the others check the files
+    select_checkpoint(cfg, int(os.environ.get("WORLD_SIZE", "1")), verify=os.environ.get("RANK", "0") == "0")
     env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")
     try:
         with fail_fast(env):  # an exception on one rank ends the whole job now, not at a timeout

@@ -13,8 +13,21 @@ Step numbers are 1-based, as in ``metrics.jsonl``: "step N" is the N-th update.
 * ``faults.nan_at: [N, ...]``: after the backward of step N (and after any gradient
   all-reduce), a NaN is written into a gradient on rank ``faults.rank`` only. Only
   that rank can see it, so this tests that every rank still skips the update.
+* ``faults.crash_at: [N, ...]``: rank ``faults.rank`` kills itself with SIGKILL at
+  the boundary after step N (before that step's checkpoint), as a node failure would.
+* ``faults.crash_in_checkpoint_at: N``: rank ``faults.rank`` kills itself with
+  SIGKILL while writing step N's checkpoint: after its shards are on disk, before
+  the commit.
+
+A crash fires once per run directory: it leaves a marker in ``RUN_DIR/faults/``
+first, so the job that ``torchrun --max-restarts`` (or a requeue) starts again
+runs through the same step.
 """
 from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
 
 import torch
 
@@ -25,9 +38,10 @@ from bigtrain.data.order import batch_size_at
 
 def check_faults(cfg: Config, world: int) -> None:
     """Refuse a fault that cannot be injected (checked before any process group starts)."""
-    if cfg.faults.nan_at and cfg.faults.rank >= world:
+    f = cfg.faults
+    if (f.nan_at or f.crash_at or f.crash_in_checkpoint_at is not None) and f.rank >= world:
         raise ConfigError(f"config error: faults.rank={cfg.faults.rank} does not exist in a world of {world}")
-    if cfg.faults.nan_at and cfg.parallel.backend == "deepspeed":
+    if f.nan_at and cfg.parallel.backend == "deepspeed":
         # DeepSpeed moves reduced gradients into its own partition buffers: no .grad to poison
         raise ConfigError("config error: faults.nan_at needs parallel.backend none or fsdp "
                           "(use faults.spike_at with deepspeed)")
@@ -54,6 +68,9 @@ class Faults:
         f = self.cfg.faults
         on = [f"spike_at={f.spike_at} (stream positions {self.bad_data})"] if f.spike_at else []
         on += [f"nan_at={f.nan_at} on rank {f.rank}"] if f.nan_at else []
+        on += [f"crash_at={f.crash_at} on rank {f.rank}"] if f.crash_at else []
+        on += [f"crash_in_checkpoint_at={f.crash_in_checkpoint_at} on rank {f.rank}"] \
+            if f.crash_in_checkpoint_at is not None else []
         return "FAULT INJECTION ON: " + "; ".join(on) if on else None
 
     def corrupt_batch(self, batch: Batch) -> Batch:
@@ -74,3 +91,26 @@ class Faults:
         if grad is None:
             raise RuntimeError(f"faults.nan_at: rank {self.rank} holds no gradient to corrupt at step {step}")
         grad.view(-1)[0] = float("nan")
+
+    def crash_at(self, step: int) -> None:
+        """SIGKILL at the boundary after ``step`` when it is in ``faults.crash_at``."""
+        if step in self.cfg.faults.crash_at:
+            self._crash(f"step-{step:08d}")
+
+    def crash_in_checkpoint(self, step: int) -> None:
+        """SIGKILL in the middle of writing ``step``'s checkpoint, if so configured."""
+        if step == self.cfg.faults.crash_in_checkpoint_at:
+            self._crash(f"checkpoint-{step:08d}")
+
+    def _crash(self, name: str) -> None:
+        if self.rank != self.cfg.faults.rank:
+            return
+        marker = Path(self.cfg.run_dir) / "faults" / f"crashed-{name}"
+        if marker.exists():
+            return  # already fired in an earlier attempt of this run
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(f"rank {self.rank}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)

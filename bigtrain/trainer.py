@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
@@ -106,6 +107,7 @@ class Trainer:
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
+        self.checkpointer = Checkpointer(cfg, env)
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
@@ -142,6 +144,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
+        self.checkpointer.resume(self)                # per checkpoint.resume (auto: the newest committed)
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
@@ -162,11 +165,35 @@ class Trainer:
                 self.log_train(result, window)
             if self.guard.after_step(self, batch):
                 continue  # rolled back: the state is the checkpoint's
+            self.faults.crash_at(state.step)          # test hook (off by default): kill -9 here
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                self.checkpointer.save(self)
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 self.evaluate()
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
             self.evaluate()
+        self.checkpointer.save(self)                  # the end of training is always committed
+        self.checkpointer.wait()
         return state
+
+    def train_state(self) -> dict:
+        """What a checkpoint holds besides weights and optimizer: where the run is in the
+        data, the skip ledger, and the stability guard's memory (so a resumed run decides alike)."""
+        state = {**asdict(self.state), "skips": self.order.skips}
+        if hasattr(self, "guard"):
+            state["guard"] = self.guard.state_dict()
+        return state
+
+    def load_train_state(self, state: dict) -> None:
+        """Inverse of :meth:`train_state`. Skip ranges are added to the live ledger: it only
+        ever grows, so the checkpoint's ranges are already in it or it is empty."""
+        for f in fields(TrainState):
+            setattr(self.state, f.name, int(state[f.name]))  # in place: fit() holds this object
+        for start, end in state["skips"]:
+            self.order.add_skip(start, end)
+        if hasattr(self, "guard") and "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+
 
     def log_train(self, result: dict, window: dict) -> None:
         if self.env.device.type == "cuda":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.optim import build_optimizer, set_lr
+from bigtrain.parallel import dcp_io
 from bigtrain.parallel.env import DistEnv
 
 
@@ -117,6 +120,30 @@ class Backend:
         """Every parameter whole, fp32, on the CPU, by name; a collective (every rank calls it
         and gets the same tensors) when the backend shards them."""
         return {n: p.detach().float().cpu().clone() for n, p in self.raw_model.named_parameters()}
+
+    # -- checkpoints (torch.distributed.checkpoint; DeepSpeed overrides these) -----------
+    def sharded_state(self) -> dict:
+        """Model and optimizer as DCP sees them: keyed by parameter name (the optimizer's
+        state too, not by position), each rank holding its own shards. So one checkpoint
+        loads at any world size, and under either DCP backend (none, fsdp)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save_sharded(self, path: Path) -> None:
+        """Write this rank's shards into directory ``path``; every rank calls it."""
+        dcp_io.save(self.sharded_state(), Path(path), self.env.distributed)
+
+    def async_save_sharded(self, path: Path, group, stager) -> Future:
+        """:meth:`save_sharded` that returns once the shards are copied to CPU (see dcp_io)."""
+        return dcp_io.async_save(self.sharded_state(), Path(path), self.env.distributed, group, stager)
+
+    def load_sharded(self, path: Path) -> None:
+        """Restore model and optimizer from directory ``path``, resharded to this world."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self.sharded_state()
+        dcp_io.load(state, Path(path), self.env.distributed)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 class LocalBackend(Backend):

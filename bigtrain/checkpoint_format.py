@@ -1,0 +1,181 @@
+"""What a checkpoint is on disk, and how to tell a loadable one from a bad one.
+
+::
+
+    RUN_DIR/checkpoints/step-00001200/
+        .metadata, __<r>_<n>.distcp   model + optimizer shards (DCP; DeepSpeed writes its own files)
+        meta.json                     format version, step, world size, backend, the resolved config
+        train_state.pt                Trainer.train_state(): data position, skip ledger, guard, ...
+        rng-<rank>.pt                 each rank's RNG states (python, numpy, torch, cuda)
+        manifest.json                 size and CRC-32 of every other file; written last
+
+The directory is written as ``step-00001200.tmp`` and renamed once every rank has
+finished: the name without ``.tmp`` is the commit, and a ``.tmp`` is never loaded.
+The manifest catches what DCP would not: a missing or truncated shard, and flipped
+bits (DCP reads raw byte ranges and would load garbage without a word). CRC-32,
+not a cryptographic hash: it guards against accidents at ~4 GB/s, not against
+an adversary, who is kept out by loading with ``weights_only=True`` instead.
+
+Every check returns one line naming the checkpoint and the problem, which the
+caller raises as :class:`~bigtrain.config.ConfigError` (exit status 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+from bigtrain.config import Config
+
+FORMAT_VERSION = 1
+MANIFEST, META = "manifest.json", "meta.json"
+_COMMITTED = re.compile(r"^step-(\d{8,})$")
+
+# The model fields that decide the weights' shapes or meaning. dropout, z_loss and
+# init_std may change on resume: they shape training, not the function the weights compute.
+ARCHITECTURE = ("n_layer", "n_head", "d_model", "ffn_dim", "seq_len", "vocab_size", "norm", "norm_eps",
+                "mlp", "pos", "rope_theta", "bias", "tie_embeddings", "qk_norm")
+_DCP_BACKENDS = ("none", "fsdp")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def tmp_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def committed(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the committed checkpoints under ``root``, ascending by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _COMMITTED.match(p.name))]
+    return sorted(found)
+
+
+def incomplete(root: Path) -> list[Path]:
+    """Leftovers of writes that never committed (a crash mid-save)."""
+    return sorted(Path(root).glob("step-*.tmp")) if Path(root).is_dir() else []
+
+
+def architecture(model_cfg) -> dict:
+    return {k: getattr(model_cfg, k) for k in ARCHITECTURE}
+
+
+# ---------------------------------------------------------------- writing
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file, so the commit never names bytes that are still in flight."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX needs the directory synced too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def listing(directory: Path) -> list[str]:
+    """Every file under ``directory`` but the manifest, as sorted relative paths."""
+    d = Path(directory)
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def digest(path: Path) -> list[int]:
+    """``[size, crc32]`` of one file."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return [size, crc]
+
+
+def write_manifest(directory: Path, digests: dict[str, list[int]]) -> None:
+    body = {"format_version": FORMAT_VERSION, "files": dict(sorted(digests.items()))}
+    write_synced(Path(directory) / MANIFEST, (json.dumps(body, indent=1) + "\n").encode())
+
+
+# ---------------------------------------------------------------- reading and checking
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+_verified: dict[tuple[str, int], str | None] = {}  # (path, manifest mtime) -> problem found by the CRC pass
+
+
+def problem(path: Path, cfg: Config | None = None, world: int | None = None, verify: bool = True) -> str | None:
+    """Why ``path`` cannot be loaded (by ``cfg`` on ``world`` ranks), or None.
+
+    Cheap checks first (it is a checkpoint, its format, its files and sizes, the model and
+    backend it was written for); then, when ``verify``, the CRC of every byte. The CRC
+    pass is remembered per process, so the pre-flight check and the load read it once.
+    """
+    path = Path(path)
+    where = f"checkpoint {str(path)!r}"
+    if path.name.endswith(".tmp"):
+        return f"{where} is an unfinished write (.tmp) and is never loaded"
+    if not path.is_dir():
+        return f"{where} does not exist" if not path.exists() else f"{where} is not a directory"
+    if not (path / META).is_file():
+        return f"{where} is not a bigtrain checkpoint (no {META})"
+    try:
+        meta = read_meta(path)
+        version = int(meta["format_version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{where}: {META} is unreadable ({type(e).__name__})"
+    if version > FORMAT_VERSION:
+        return (f"{where} has format version {version}; this bigtrain reads up to {FORMAT_VERSION} "
+                "(upgrade bigtrain)")
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{where}: {MANIFEST} is missing or unreadable ({type(e).__name__}); it was never committed"
+    for name, (size, _) in files.items():
+        if not (path / name).is_file():
+            return f"{where}: file {name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{where}: file {name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+    if cfg is not None:
+        mismatch = config_mismatch(meta, cfg, world)
+        if mismatch:
+            return f"{where} {mismatch}"
+    if verify:
+        key = (str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns)
+        if key not in _verified:
+            bad = [name for name, expected in files.items() if digest(path / name) != expected]
+            _verified[key] = f"{where}: file {bad[0]} is corrupted (CRC-32 mismatch)" if bad else None
+        return _verified[key]
+    return None
+
+
+def config_mismatch(meta: dict, cfg: Config, world: int | None) -> str | None:
+    """How the checkpoint's model, backend or world size rules out loading it here, or None."""
+    from bigtrain.config import ModelConfig
+    try:
+        theirs = architecture(ModelConfig.model_validate(meta["config"]["model"]))
+    except Exception as e:  # noqa: BLE001 - any malformed config is the same user-facing problem
+        return f"has an unreadable model config ({type(e).__name__})"
+    ours = architecture(cfg.model)
+    for key in ARCHITECTURE:
+        if theirs[key] != ours[key]:
+            return (f"was written for a different model: model.{key}={theirs[key]!r} there, "
+                    f"{ours[key]!r} in this config")
+    saved, here = meta.get("backend"), cfg.parallel.backend
+    if (saved == "deepspeed") != (here == "deepspeed"):
+        return (f"was written by the {saved} backend; parallel.backend={here} cannot read it "
+                f"(use `bigtrain export` to carry the weights across)")
+    if here == "deepspeed" and world is not None and meta.get("world_size") != world:
+        return (f"holds DeepSpeed ZeRO shards for {meta.get('world_size')} ranks; DeepSpeed reloads its "
+                f"optimizer shards only at the same world size, not {world}")
+    return None
