@@ -28,6 +28,7 @@ from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
+from bigtrain.signals import StopRequest
 from bigtrain.stability.guard import Guard
 
 
@@ -108,6 +109,7 @@ class Trainer:
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
         self.checkpointer = Checkpointer(cfg, env)
+        self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
@@ -170,6 +172,9 @@ class Trainer:
                 self.checkpointer.save(self)
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 self.evaluate()
+            if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
+                self.stop.preempt(self, reason)       # checkpoint, ledger "preempt", exit 0; resume continues
+                return state
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
             self.evaluate()
         self.checkpointer.save(self)                  # the end of training is always committed
@@ -235,5 +240,6 @@ class Trainer:
         return val_loss
 
     def close(self) -> None:
+        self.stop.close()
         self.loader.close()
         self.metrics.close()

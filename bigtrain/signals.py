@@ -1,0 +1,76 @@
+"""Stopping a run cleanly: SIGTERM, SIGUSR1 or a ``RUN_DIR/STOP`` file.
+
+Schedulers announce the end of a job with a signal: SLURM sends SIGTERM at
+``scancel``, at the time limit and at preemption, and the signal chosen with
+``#SBATCH --signal`` a grace period before the limit (our sbatch scripts turn it
+into a ``STOP`` file, because torchrun's agent dies of SIGUSR1 instead of
+passing it on). People say it with ``touch RUN_DIR/STOP``. Either way the run
+saves a checkpoint at the next step boundary, records a ``preempt`` event and
+exits 0, so the requeued or restarted job (``checkpoint.resume: auto``) loses
+nothing but the step that was in flight.
+
+The signal handler only records the signal: saving from inside a handler could
+interrupt a collective halfway and deadlock the other ranks. At every step
+boundary all ranks then agree, with one all-reduce of one number, because a
+signal or a file may reach some ranks and not others (a node-local ``STOP``
+file, a signal sent to one node), and a checkpoint needs every rank.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from bigtrain.parallel.env import DistEnv
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Reasons, ranked: the all-reduced maximum is the reason every rank reports.
+REASONS = (None, "STOP file", "SIGUSR1", "SIGTERM")
+
+
+class StopRequest:
+    """Watches for the request to stop; install once per run, :meth:`close` at the end.
+
+    Handlers are installed only from the main thread (Python's rule for signals);
+    elsewhere the ``STOP`` file still works.
+    """
+
+    def __init__(self, run_dir: str | Path, env: DistEnv):
+        self.stop_file = Path(run_dir) / "STOP"
+        self.env = env
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def local_reason(self) -> str | None:
+        """Why this rank wants to stop, or None."""
+        return self.signal_name or ("STOP file" if self.stop_file.exists() else None)
+
+    def requested(self) -> str | None:
+        """The reason to stop now, the same on every rank, or None. A collective: every
+        rank calls it at the same step boundary."""
+        code = torch.tensor([float(REASONS.index(self.local_reason()))], device=self.env.device)
+        return REASONS[int(self.env.all_reduce(code, "max").item())]
+
+    def preempt(self, trainer, reason: str) -> None:
+        """Save a checkpoint of the step just finished and record why the run stopped.
+        The ``STOP`` file is removed once acted on, so the next run does not stop at once."""
+        trainer.checkpointer.save(trainer)
+        trainer.checkpointer.wait()  # an async save must be committed before the process exits
+        trainer.ledger.record("preempt", trainer.state.step, reason=reason)
+        trainer.metrics.text(f"bigtrain: stopping at step {trainer.state.step} ({reason}); "
+                             "checkpoint saved, resume with checkpoint.resume=auto")
+        self.stop_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Give the signals back to whoever handled them before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
