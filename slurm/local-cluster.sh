@@ -23,14 +23,16 @@ TIMEOUT=${BIGTRAIN_SLURM_START_TIMEOUT:-60}
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# Stop the daemon whose pid file is $1, waiting up to 10 s before SIGKILL.
-stop_pidfile() {
-    local pid
-    [[ -f $1 ]] || return 0
-    pid=$(cat "$1")
-    kill "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+# Stop the daemons whose pid files are given, waiting up to 10 s before SIGKILL.
+stop_pidfiles() {
+    local pids=() pid
+    for file in "$@"; do
+        [[ -f $file ]] && pid=$(cat "$file") && kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
 }
 
 write_config() {
@@ -48,7 +50,7 @@ SlurmdPort=$(free_port)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge.socket
+AuthInfo=socket=$dir/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -103,9 +105,7 @@ stop() {
             sleep 0.2
         done
     fi
-    stop_pidfile "$dir/slurmd.pid"
-    stop_pidfile "$dir/slurmctld.pid"
-    stop_pidfile "$dir/munged.pid"
+    stop_pidfiles "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munged.pid"
 }
 
 case $cmd in

@@ -1,0 +1,78 @@
+# Sourced by slurm/train.sbatch and slurm/train-deepspeed.sbatch: what both need besides
+# the launch line. Sets PY, RUN_DIR, NNODES, HEAD, PORT and BIGTRAIN_NPROC_PER_NODE, installs
+# the preemption traps, and gives `run_and_wait` and `finish`.
+#
+# Preemption, step by step:
+#   1. SLURM sends SIGUSR1 to the batch shell GRACE seconds before the time limit
+#      (#SBATCH --signal=B:USR1@GRACE; or by hand: scancel --signal=USR1 --batch JOBID).
+#      Only the batch shell gets it: torchrun's agent would die of a USR1 without telling
+#      its workers, so the shell tells the trainer instead, by touching RUN_DIR/STOP.
+#   2. At the next step boundary every rank agrees, saves a checkpoint, records "preempt"
+#      in RUN_DIR/ledger.jsonl and exits 0 (bigtrain/signals.py).
+#   3. The shell runs `scontrol requeue`: the same job id starts again, appends to the same
+#      log (--open-mode=append), and resumes from the newest checkpoint (checkpoint.resume:
+#      auto). A requeued job may start again once the credentials of its last run have
+#      expired (AuthInfo=cred_expire in slurm.conf: 120 s by default).
+# SIGTERM (scancel, the time limit, preemption) also checkpoints and stops, as fast as a
+# step and a save allow before SLURM's KillWait runs out; the job is requeued only when it
+# was the time limit (scancel means cancel, and PreemptMode=REQUEUE requeues by itself).
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: sbatch $(basename "$0") CONFIG.yaml [key=value ...]" >&2; exit 2
+fi
+PY=${BIGTRAIN_PYTHON:-python}
+
+# The run directory, from the config and overrides; this also checks them before any node
+# is asked to start a process (a bad config stops here, with status 2 and no requeue).
+RUN_DIR=$("$PY" -c 'import sys; from bigtrain.config import load_config
+print(load_config(sys.argv[1], overrides=sys.argv[2:]).run_dir)' "$@") || exit 2
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/STOP"   # a STOP left by an earlier job must not stop this one at once
+
+# The allocation: nodes, the first node (rendezvous host), processes per node.
+NNODES=${SLURM_NNODES:-1}
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+PORT=${BIGTRAIN_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}   # per job: jobs may share a node
+if [[ -z ${BIGTRAIN_NPROC_PER_NODE:-} ]]; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    BIGTRAIN_NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
+fi
+
+requeue=0
+on_usr1() {
+    echo "bigtrain-slurm: SIGUSR1 at $(date +%T): checkpoint, stop, requeue"
+    requeue=1
+    touch "$RUN_DIR/STOP"
+}
+on_term() {
+    echo "bigtrain-slurm: SIGTERM at $(date +%T): checkpoint and stop"
+    touch "$RUN_DIR/STOP"
+    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "Reason=TimeLimit"; then requeue=1; fi
+}
+trap on_usr1 USR1
+trap on_term TERM
+
+echo "bigtrain-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x" \
+     "$BIGTRAIN_NPROC_PER_NODE process(es), head $HEAD:$PORT, run dir $RUN_DIR"
+
+# Run "$@" in the background and wait for it; sets `status`. A trapped signal interrupts
+# `wait`, so wait again until the trainer has saved its checkpoint and exited.
+run_and_wait() {
+    "$@" &
+    local pid=$! rc
+    status=""
+    while [[ -z $status ]]; do
+        wait "$pid"; rc=$?
+        kill -0 "$pid" 2>/dev/null || status=$rc
+    done
+    echo "bigtrain-slurm: training exited with status $status"
+}
+
+# Requeue when asked to, then end the batch script with the trainer's status.
+finish() {
+    if (( requeue )); then
+        echo "bigtrain-slurm: requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit "$status"
+}

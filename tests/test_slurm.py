@@ -1,0 +1,131 @@
+"""The sbatch scripts on a real SLURM: a one-host cluster (munged, slurmctld, slurmd) that
+this module starts with slurm/local-cluster.sh and stops at the end.
+
+`make test` installs Debian's SLURM packages when they are missing (scripts/ensure-slurm.sh);
+where that is impossible the tests skip and say why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, read_jsonl, tiny_overrides, torchrun, train_losses
+
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment (SLURM_CONF, ...) of a running one-host cluster."""
+    missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}); `make test` installs it "
+                    "as root with apt-get (scripts/ensure-slurm.sh)")
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM cluster needs root: slurmd starts jobs as their owner")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "BIGTRAIN_PYTHON": sys.executable,
+           "BIGTRAIN_NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    started = subprocess.run([str(CLUSTER), "start", str(state)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    try:
+        assert started.returncode == 0, f"local SLURM did not start:\n{started.stdout}{started.stderr}"
+        yield env
+    finally:
+        subprocess.run([str(CLUSTER), "stop", str(state)], env=env, capture_output=True, timeout=120)
+
+
+def sbatch(env: dict, script: str, log: Path, args: list[str]) -> str:
+    out = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", f"--output={log}",
+                          script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job(env: dict, job_id: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def wait_until(what: str, done, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            text = log.read_text() if log.exists() else "(no log)"
+            raise AssertionError(f"timed out waiting for {what}; job log:\n{text[-4000:]}")
+        time.sleep(0.05)
+
+
+def finished(env: dict, job_id: str) -> bool:
+    return job(env, job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def tiny(tmp_path: Path, data: str, run_dir: Path, steps: int) -> list[str]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text("parallel: {backend: none}\n")
+    return [str(config), *tiny_overrides(data, run_dir, schedule__max_steps=steps)]
+
+
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm, shakespeare_bytes, tmp_path):
+    """train.sbatch, 2 ranks: SIGUSR1 to the batch shell mid-run -> checkpoint, "preempt",
+    `scontrol requeue` -> the same job resumes from the checkpoint and trains what an
+    uninterrupted 2-rank run trains, to the last step."""
+    run, log, reference = tmp_path / "run", tmp_path / "job.log", tmp_path / "reference"
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run goes alongside, to save wall time
+        uninterrupted = pool.submit(torchrun, 2, ["train", *tiny(tmp_path, shakespeare_bytes, reference, STEPS)])
+        job_id = sbatch(slurm, "slurm/train.sbatch", log, tiny(tmp_path, shakespeare_bytes, run, STEPS))
+        preempt_requeue_resume(slurm, job_id, run, log)
+        result = uninterrupted.result()
+    assert result.returncode == 0, result.stderr
+    losses = train_losses(run)
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1)), "every step trained exactly once"
+    assert losses == train_losses(reference)
+
+
+def preempt_requeue_resume(slurm: dict, job_id: str, run: Path, log: Path) -> None:
+    """Signal the batch shell once training is under way; check the job requeued, resumed
+    from its checkpoint and completed."""
+    def training() -> bool:
+        assert not finished(slurm, job_id), log.read_text()
+        return any(r.get("step", 0) >= 3 for r in read_jsonl(run / "metrics.jsonl"))
+    wait_until("training to start", training, log)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True, timeout=30)
+
+    # A requeued job waits out the credential lifetime (cred_expire: 10 s in local-cluster.sh).
+    wait_until("the requeued job to finish", lambda: finished(slurm, job_id), log, timeout=180)
+
+    text = log.read_text()
+    info = job(slurm, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert "requeueing job" in text and "restart 1" in text, text
+    stops = [(e["event"], e["step"]) for e in read_jsonl(run / "ledger.jsonl") if e["event"] in ("preempt", "resume")]
+    assert len(stops) == 2 and stops[0][0] == "preempt" and stops[1] == ("resume", stops[0][1]), stops
+    assert 3 <= stops[0][1] < STEPS, "stopped mid-run"
+    assert (run / "checkpoints" / f"step-{STEPS:08d}").is_dir()
+
+
+def test_deepspeed_sbatch_runs_to_completion(slurm, shakespeare_bytes, tmp_path):
+    """train-deepspeed.sbatch: hostfile from the allocation, srun-started DeepSpeed launcher, 2 ranks."""
+    if importlib.util.find_spec("bigtrain.parallel.deepspeed") is None:
+        pytest.skip("the DeepSpeed backend (bigtrain/parallel/deepspeed.py) is not in this tree yet")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    job_id = sbatch(slurm, "slurm/train-deepspeed.sbatch", log, tiny(tmp_path, shakespeare_bytes, run, 6))
+    wait_until("the DeepSpeed job to finish", lambda: finished(slurm, job_id), log, timeout=240)
+    info = job(slurm, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()
+    assert [s for s, _ in train_losses(run)] == list(range(1, 7))
+    assert (run / "hostfile").read_text().split() == ["localhost", "slots=2"]
+    assert (run / "checkpoints" / f"step-{6:08d}").is_dir()
