@@ -26,7 +26,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from bigtrain.checkpoint import select as select_checkpoint
     from bigtrain.config import load_config
-    from bigtrain.parallel.env import fail_fast, init_distributed, shutdown, world_size
+    from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
     from bigtrain.trainer import Trainer, check_world, open_splits
 
@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
     check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
     # a bad checkpoint stops here too; rank 0 reads every byte, the others check the files
-    select_checkpoint(cfg, int(os.environ.get("WORLD_SIZE", "1")), verify=os.environ.get("RANK", "0") == "0")
+    select_checkpoint(cfg, world_size(), verify=process_layout()[0] == 0)
     env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")
     try:
         with fail_fast(env):  # an exception on one rank ends the whole job now, not at a timeout
@@ -60,6 +60,14 @@ def cmd_launch(args) -> int:
     from bigtrain.launch import Topology, launch
     topo = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
     return launch(args.config, args.overrides, topo, args.launcher, args.dry_run)
+
+
+def cmd_export(args) -> int:
+    from bigtrain.export import export
+    out = export(args.run_dir, args.out or os.path.join(args.run_dir, "export"), args.step, args.tokenizer,
+                 args.overwrite)
+    print(f"exported to {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -121,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["torchrun", "deepspeed"], help="default: by parallel.backend")
     p.add_argument("--dry-run", action="store_true", help="print the command only")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model (safetensors + tokenizer)")
+    p.add_argument("run_dir", help="a run directory (its newest checkpoint) or one checkpoint directory")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest)")
+    p.add_argument("--out", help="default: RUN_DIR/export")
+    p.add_argument("--tokenizer", help="a prepared data dir whose tokenizer to ship (default: the run's data.path)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="decode the samples a step trained on")
     p.add_argument("run_dir")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bigtrain.config import ModelConfig
+from bigtrain.export import to_hf  # the weight mapping `bigtrain export` writes
 from bigtrain.model.gpt import GPT, lm_loss
 
 
@@ -35,52 +36,6 @@ def test_untied_head_counts_as_a_parameter_but_not_non_embedding():
 
 # ---------------------------------------------------------------- equivalence with Hugging Face
 
-def to_hf_gpt2(model: GPT):
-    """Our weights in a GPT2LMHeadModel; HF's Conv1D stores weights as [in, out], hence the .T."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    c = model.cfg
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.seq_len, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True))
-    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-          "transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias}
-    for i, b in enumerate(model.blocks):
-        p = f"transformer.h.{i}."
-        for ours, theirs in [(b.norm1, "ln_1"), (b.norm2, "ln_2")]:
-            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = ours.weight, ours.bias
-        for ours, theirs in [(b.attn.qkv, "attn.c_attn"), (b.attn.proj, "attn.c_proj"),
-                             (b.mlp.fc, "mlp.c_fc"), (b.mlp.proj, "mlp.c_proj")]:
-            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = ours.weight.T, ours.bias
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.eval()
-
-
-def to_hf_llama(model: GPT):
-    """Our weights in a LlamaForCausalLM; the fused qkv rows are q, k, v in that order."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
-        max_position_embeddings=c.seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu"))
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm_f.weight,
-          "lm_head.weight": model.lm_head.weight}
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = b.attn.qkv.weight.chunk(3, dim=0)
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.attn.proj.weight,
-                   p + "mlp.gate_proj.weight": b.mlp.gate.weight, p + "mlp.up_proj.weight": b.mlp.up.weight,
-                   p + "mlp.down_proj.weight": b.mlp.proj.weight,
-                   p + "input_layernorm.weight": b.norm1.weight, p + "post_attention_layernorm.weight": b.norm2.weight})
-    hf.load_state_dict(sd, strict=True)
-    return hf.eval()
-
-
 def randomize(model: GPT) -> None:
     """Move away from the init, which would hide mistakes: norm weights/biases are 1/0 there
     (a swapped or missing norm), biases 0, and activations so small that GELU's tanh and erf
@@ -97,7 +52,8 @@ def test_logits_equal_hf_gpt2():
     torch.manual_seed(0)
     model = GPT(tiny(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True)).eval()
     randomize(model)
-    hf = to_hf_gpt2(model)
+    hf = to_hf(model)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
@@ -108,7 +64,8 @@ def test_logits_equal_hf_llama():
     model = GPT(tiny(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
                      rope_theta=500.0, norm_eps=1e-6)).eval()
     randomize(model)
-    hf = to_hf_llama(model)
+    hf = to_hf(model)
+    assert type(hf).__name__ == "LlamaForCausalLM"
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)

@@ -1,0 +1,200 @@
+"""Checkpoints: exact resume, another world size, kill -9 recovery, crash mid-save, bad checkpoints.
+
+The reference is always a run that was never interrupted, with the same config.
+On CPU in fp32 a resumed run must match it bitwise (losses and final parameters)
+at the same world size; at another world size the batches are the same and the
+losses agree to float rounding (the reductions are grouped differently).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain.checkpoint import load_model
+from bigtrain.checkpoint_format import committed
+from bigtrain.cli import main
+from bigtrain.data.order import SampleOrder
+from bigtrain.parallel.env import DistEnv
+from bigtrain.trainer import Trainer
+from helpers import REPO, bigtrain, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
+
+CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+STEPS = 8
+
+
+def fit(cfg) -> Trainer:
+    trainer = Trainer(cfg, CPU)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def same_parameters(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def last_losses(run_dir) -> dict[int, float]:
+    """step -> loss; a step logged twice (a restarted attempt) keeps its last value."""
+    return dict(train_losses(run_dir))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- one process (backend: none)
+
+@pytest.fixture(scope="module")
+def local_run(shakespeare_bytes, tmp_path_factory) -> Path:
+    """8 steps with dropout (so the RNG state matters), async saves every 2 steps, keep 2."""
+    run = tmp_path_factory.mktemp("local") / "a"
+    fit(tiny_config(shakespeare_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
+                    checkpoint__every=2, checkpoint__keep=2, checkpoint__async=True))
+    return run
+
+
+def test_resume_is_bitwise_and_retention_keeps_the_newest(local_run, shakespeare_bytes, tmp_path):
+    assert [s for s, _ in committed(local_run / "checkpoints")] == [6, 8]
+    assert not list((local_run / "checkpoints").glob("*.tmp"))
+    resumed = fit(tiny_config(shakespeare_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
+                              checkpoint__resume=str(local_run / "checkpoints" / "step-00000006")))
+    assert last_losses(tmp_path) == {s: v for s, v in last_losses(local_run).items() if s > 6}
+    assert same_parameters(resumed.model, load_model(local_run))
+    assert resumed.state.step == STEPS and resumed.state.samples == STEPS * 8
+    (event,) = read_jsonl(tmp_path / "ledger.jsonl")
+    assert event["event"] == "resume" and event["step"] == 6 and event["path"].endswith("step-00000006")
+
+
+def test_async_save_writes_what_a_sync_save_writes(local_run, shakespeare_bytes, tmp_path):
+    fit(tiny_config(shakespeare_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
+                    checkpoint__every=2, checkpoint__keep=2))
+    assert same_parameters(load_model(tmp_path, step=6), load_model(local_run, step=6))
+    assert last_losses(tmp_path) == last_losses(local_run)
+
+
+# ---------------------------------------------------------------- bad checkpoints
+
+def damaged_run(local_run: Path, tmp_path: Path, damage) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(local_run / "checkpoints", run / "checkpoints")
+    damage(run / "checkpoints" / "step-00000008")
+    return run
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def newer_format(ckpt: Path) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+
+
+BAD = {
+    "missing shard": (lambda c: (c / "__0_0.distcp").unlink(), [], "file __0_0.distcp is missing"),
+    "corrupted shard": (lambda c: flip_byte(c / "__0_0.distcp"), [], "__0_0.distcp is corrupted"),
+    "other model": (lambda c: None, ["model.n_layer=3"], "model.n_layer=2 there, 3 in this config"),
+    "newer format": (newer_format, [], "format version 99"),
+    "not a checkpoint": (lambda c: None, ["checkpoint.resume={run}/checkpoints"], "not a bigtrain checkpoint"),
+    "unfinished write": (lambda c: c.rename(c.with_name(c.name + ".tmp")),
+                         ["checkpoint.resume={run}/checkpoints/step-00000008.tmp"], "unfinished write"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_is_touched(case, local_run, shakespeare_bytes,
+                                                                    tmp_path, capsys):
+    damage, extra, message = BAD[case]
+    run = damaged_run(local_run, tmp_path, damage)
+    before = tree(run)
+    overrides = tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS)
+    code = main(["train", SMOKE, *overrides, *[e.format(run=run) for e in extra]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err, err
+    assert tree(run) == before  # nothing deleted, nothing written (not even config.yaml)
+
+
+def test_fallback_to_an_older_checkpoint_only_when_asked(local_run, shakespeare_bytes, tmp_path):
+    run = damaged_run(local_run, tmp_path, lambda c: flip_byte(c / "__0_0.distcp"))
+    proc = bigtrain(["train", SMOKE, *tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "checkpoint.fallback" in proc.stderr
+    fit(tiny_config(shakespeare_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
+                    checkpoint__fallback=True))
+    (event,) = read_jsonl(run / "ledger.jsonl")
+    assert event["step"] == 6 and "corrupted" in event["passed_over"][0]
+    assert same_parameters(load_model(run), load_model(local_run))  # 6 -> 8 again, bitwise
+
+
+# ---------------------------------------------------------------- two processes (backend: fsdp)
+
+def launch(nproc: int, data: str, run: Path, *extra: str, restarts: int = 0):
+    overrides = tiny_overrides(data, run, schedule__max_steps=STEPS, parallel__backend="fsdp")
+    return torchrun(nproc, ["train", SMOKE, *overrides, *extra],
+                    extra=["--max-restarts", str(restarts)] if restarts else [], timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shakespeare_bytes, tmp_path_factory) -> Path:
+    """The uninterrupted reference on 2 ranks, async saves at steps 4 and 8."""
+    run = tmp_path_factory.mktemp("fsdp") / "clean"
+    proc = launch(2, shakespeare_bytes, run, "checkpoint.every=4", "checkpoint.async=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_kill9_and_crash_mid_save_recover_to_the_uninterrupted_run(fsdp_run, shakespeare_bytes, tmp_path):
+    run = tmp_path / "crashy"
+    faults = ["checkpoint.every=4", "faults.rank=1", "faults.crash_in_checkpoint_at=8"]
+    # rank 1 dies while step 8 is being written: step 4 is committed, step 8 only a .tmp
+    proc = launch(2, shakespeare_bytes, run, *faults)
+    assert proc.returncode != 0
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008.tmp"]
+    assert (ckpts / "step-00000008.tmp" / ".metadata").exists()  # shards were written, never committed
+    # again, under torchrun --max-restarts 1, and now rank 1 is also killed at step 6
+    proc = launch(2, shakespeare_bytes, run, *faults, "faults.crash_at=[6]", restarts=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("removed unfinished write") == 1
+    assert [(e["event"], e["step"]) for e in read_jsonl(run / "ledger.jsonl")] == [("resume", 4), ("resume", 4)]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008"]
+    assert last_losses(run) == last_losses(fsdp_run)            # bitwise, every step
+    assert same_parameters(load_model(run), load_model(fsdp_run))
+
+
+def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespeare_bytes, tmp_path):
+    # 2 -> 1: the 2-rank checkpoint of step 4 on one rank; it saves at 6 and 8
+    one = tmp_path / "one"
+    proc = launch(1, shakespeare_bytes, one, "checkpoint.every=2",
+                  f"checkpoint.resume={fsdp_run}/checkpoints/step-00000004")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 1 -> 2: that 1-rank checkpoint of step 6 on two ranks
+    two = tmp_path / "two"
+    proc = launch(2, shakespeare_bytes, two, f"checkpoint.resume={one}/checkpoints/step-00000006")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    reference = last_losses(fsdp_run)
+    for run, first in ((one, 5), (two, 7)):
+        losses = last_losses(run)
+        assert sorted(losses) == list(range(first, STEPS + 1))
+        assert losses == pytest.approx({s: reference[s] for s in losses}, rel=1e-5, abs=0)
+    # the data position is what the uninterrupted run had, and the order depends on nothing else
+    cfg = tiny_config(shakespeare_bytes, tmp_path)
+    resumed = Trainer(cfg, CPU)
+    try:
+        resumed.checkpointer.load(resumed, one / "checkpoints" / "step-00000006")
+        assert (resumed.state.step, resumed.state.position) == (6, 6 * 8)
+        order = SampleOrder(resumed.order.num_samples, cfg.seed)
+        batch = resumed.loader.get(resumed.state.position, 8)
+        assert batch.samples.tolist() == order.sample_at(order.next_batch(48, 8)[0]).tolist()
+    finally:
+        resumed.close()
