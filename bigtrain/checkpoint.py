@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 from bigtrain.checkpoint_format import (FORMAT_VERSION, META, committed, digest, fsync_dir, incomplete,
-                                        listing, problem, read_meta, step_dir, tmp_dir, write_manifest,
-                                        write_synced)
+                                        listing, problem, read_meta, step_dir, tmp_dir, weights_only_loads,
+                                        write_manifest, write_synced)
 from bigtrain.config import Config, ConfigError, ModelConfig
 from bigtrain.parallel.env import DistEnv, rng_state, set_rng_state
 
@@ -223,7 +223,8 @@ class Checkpointer:
         why = self._broadcast(why)
         if why:
             raise ConfigError(why)
-        trainer.backend.load_sharded(path)
+        with weights_only_loads():
+            trainer.backend.load_sharded(path)
         trainer.load_train_state(torch.load(path / TRAIN_STATE, weights_only=True))
         own_rng = path / rng_file(self.env.rank)
         if own_rng.is_file():
@@ -288,8 +289,14 @@ def load_model(run_dir: str | Path, step: int | None = None):
         raise ConfigError(why)
     meta = read_meta(path)
     model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
-    from bigtrain.parallel import dcp_io
-    state = {"model": model.state_dict()}
-    dcp_io.load(state, path, distributed=False)
-    model.load_state_dict(state["model"])
+    if meta["backend"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        from bigtrain.parallel import dcp_io
+        state = {"model": model.state_dict()}
+        dcp_io.load(state, path, distributed=False)
+        state = state["model"]
+    model.load_state_dict(state)
     return model.eval()

@@ -21,11 +21,16 @@ caller raises as :class:`~bigtrain.config.ConfigError` (exit status 2).
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import re
+import sys
 import zlib
 from pathlib import Path
+
+import torch
 
 from bigtrain.config import Config
 
@@ -37,7 +42,9 @@ _COMMITTED = re.compile(r"^step-(\d{8,})$")
 # init_std may change on resume: they shape training, not the function the weights compute.
 ARCHITECTURE = ("n_layer", "n_head", "d_model", "ffn_dim", "seq_len", "vocab_size", "norm", "norm_eps",
                 "mlp", "pos", "rope_theta", "bias", "tie_embeddings", "qk_norm")
-_DCP_BACKENDS = ("none", "fsdp")
+# The plain-data classes DeepSpeed pickles into its checkpoint files (ZeRO-1/2/3, bf16 or fp32).
+_DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -106,6 +113,29 @@ def write_manifest(directory: Path, digests: dict[str, list[int]]) -> None:
 
 
 # ---------------------------------------------------------------- reading and checking
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside is ``weights_only``, even where a library asks otherwise:
+    DeepSpeed reads its own files with ``weights_only=False``. torch's documented switch
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that, and DeepSpeed's plain-data classes are
+    allowed by name, so a checkpoint can hold tensors and data but never code."""
+    allowed = []
+    if "deepspeed" in sys.modules:
+        for dotted in _DEEPSPEED_GLOBALS:
+            module, name = dotted.rsplit(".", 1)
+            allowed.append(getattr(importlib.import_module(module), name))
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
 
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META).read_text())

@@ -20,7 +20,7 @@ from bigtrain.cli import main
 from bigtrain.data.order import SampleOrder
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
-from helpers import REPO, bigtrain, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
+from helpers import REPO, bigtrain, rank_env, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
 
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -137,10 +137,14 @@ def test_fallback_to_an_older_checkpoint_only_when_asked(local_run, shakespeare_
 
 # ---------------------------------------------------------------- two processes (backend: fsdp)
 
-def launch(nproc: int, data: str, run: Path, *extra: str, restarts: int = 0):
-    overrides = tiny_overrides(data, run, schedule__max_steps=STEPS, parallel__backend="fsdp")
-    return torchrun(nproc, ["train", SMOKE, *overrides, *extra],
-                    extra=["--max-restarts", str(restarts)] if restarts else [], timeout=600)
+def train_args(data: str, run: Path, *extra: str, backend: str = "fsdp") -> list[str]:
+    return ["train", SMOKE, *tiny_overrides(data, run, schedule__max_steps=STEPS, parallel__backend=backend), *extra]
+
+
+def launch(nproc: int, data: str, run: Path, *extra: str, restarts: int = 0, backend: str = "fsdp"):
+    return torchrun(nproc, train_args(data, run, *extra, backend=backend), timeout=600,
+                    extra=["--max-restarts", str(restarts)] if restarts else [],
+                    env={**rank_env(), "DS_ACCELERATOR": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +202,22 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespea
         assert batch.samples.tolist() == order.sample_at(order.next_batch(48, 8)[0]).tolist()
     finally:
         resumed.close()
+
+
+# ---------------------------------------------------------------- DeepSpeed (ZeRO-2, its own format)
+
+def test_deepspeed_resume_is_bitwise_and_another_world_size_is_refused(shakespeare_bytes, tmp_path):
+    ds = ("parallel.zero_stage=2", "checkpoint.every=4")
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    step4 = f"checkpoint.resume={clean}/checkpoints/step-00000004"
+    proc = launch(2, shakespeare_bytes, clean, *ds, backend="deepspeed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(2, shakespeare_bytes, resumed, *ds, step4, backend="deepspeed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_losses(resumed) == {s: v for s, v in last_losses(clean).items() if s > 4}
+    assert same_parameters(load_model(resumed), load_model(clean))  # ZeRO partitions gathered
+    # DeepSpeed cannot repartition ZeRO optimizer state for another world size: refused up front
+    proc = bigtrain(train_args(shakespeare_bytes, tmp_path / "one", *ds, step4, backend="deepspeed"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds DeepSpeed ZeRO shards for 2 ranks" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
