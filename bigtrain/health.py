@@ -20,7 +20,7 @@ A step whose update is skipped has no gradient metrics (and a zero update).
 
 Under FSDP2 the parameters are sharded DTensors: norms are summed from each rank's
 local shard and all-reduced once (so a detail step never materialises the model),
-histograms gather one tensor at a time with ``full_tensor()``. Every rank takes part;
+histograms gather one tensor at a time with ``full_tensor()`` and keep a strided sample. Every rank takes part;
 only rank 0 writes. Scalars go to TensorBoard under ``detail/`` and to
 ``metrics.jsonl`` as one line with ``"kind": "detail"``.
 """
@@ -42,15 +42,18 @@ UPDATE_RATIO_MAX = 1e-1     # warn above this update/param ratio (weight matrice
 VANISHING = 1e-4            # warn when a weight's grad norm is below this x the median weight's ...
 EXPLODING = 1e3             # ... or above this x the median, or not finite
 ACTIVATION_JUMP = 10.0      # warn when a block's output std changes by this factor from the block before
-HISTOGRAM_VALUES = 65536    # block outputs and logits are histogrammed from a strided sample this large
+HISTOGRAM_VALUES = 65536    # histograms are drawn from a strided sample of each tensor this large
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A strided sample of the whole tensor (gathered, if sharded): a histogram of a billion
+    values costs seconds on the CPU and shows nothing more than one of 65536."""
+    full = (t.full_tensor() if isinstance(t, DTensor) else t).detach().flatten()
+    return full[::max(1, full.numel() // HISTOGRAM_VALUES)]
 
 
 class Health:
@@ -114,8 +117,7 @@ class Health:
                 self.acts[name][0] += stats
                 self.acts[name][1] = torch.maximum(self.acts[name][1], peak)
             else:
-                sample = x.flatten()[::max(1, x.numel() // HISTOGRAM_VALUES)]
-                self.acts[name] = [stats, peak, sample.cpu() if self.histograms else None]
+                self.acts[name] = [stats, peak, _sample(x).cpu() if self.histograms else None]
         return hook
 
     def _grad_hook(self, optimizer, args, kwargs) -> None:
@@ -124,7 +126,8 @@ class Health:
         self.grad_sq = self._global_sq([_local(g).detach() for g in grads])
         if self.histograms:
             for name, g in zip(self.names, grads):
-                self.metrics.histogram(self.step, f"detail/grad/{name}", _full(g.detach()))
+                if g.numel():
+                    self.metrics.histogram(self.step, f"detail/grad/{name}", _sample(g))
 
     # ------------------------------------------------------------------ the numbers
     def _global_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -154,7 +157,8 @@ class Health:
                 out[f"grad_norm/{name}"] = grad_norm[i]
         if self.histograms:
             for name, p in zip(self.names, self.params):
-                self.metrics.histogram(self.step, f"detail/param/{name}", _full(p.detach()))
+                if p.numel():  # DeepSpeed ZeRO-3 leaves partitioned parameters empty
+                    self.metrics.histogram(self.step, f"detail/param/{name}", _sample(p))
         return out
 
     def _activations(self) -> dict:
