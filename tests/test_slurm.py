@@ -20,7 +20,7 @@ import pytest
 from helpers import REPO, read_jsonl, tiny_overrides, torchrun, train_losses
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
-STEPS = 120
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def wait_until(what: str, done, log: Path, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             text = log.read_text() if log.exists() else "(no log)"
             raise AssertionError(f"timed out waiting for {what}; job log:\n{text[-4000:]}")
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def finished(env: dict, job_id: str) -> bool:
@@ -98,8 +98,10 @@ def preempt_requeue_resume(slurm: dict, job_id: str, run: Path, log: Path) -> No
     """Signal the batch shell once training is under way; check the job requeued, resumed
     from its checkpoint and completed."""
     def training() -> bool:
+        if any(r.get("step", 0) >= 3 for r in read_jsonl(run / "metrics.jsonl")):
+            return True
         assert not finished(slurm, job_id), log.read_text()
-        return any(r.get("step", 0) >= 3 for r in read_jsonl(run / "metrics.jsonl"))
+        return False
     wait_until("training to start", training, log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True, timeout=30)
 
