@@ -18,16 +18,34 @@
 # was the time limit (scancel means cancel, and PreemptMode=REQUEUE requeues by itself).
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: sbatch $(basename "$0") CONFIG.yaml [key=value ...]" >&2; exit 2
+    echo "usage: sbatch slurm/train.sbatch CONFIG.yaml [key=value ...]" >&2; exit 2
 fi
 PY=${BIGTRAIN_PYTHON:-python}
+
+# The traps come first, so that a signal in the job's first seconds is not lost; the STOP
+# file is written once RUN_DIR is known.
+requeue=0 stop=0
+ask_to_stop() { stop=1; if [[ -n ${RUN_DIR:-} ]]; then touch "$RUN_DIR/STOP"; fi; }
+on_usr1() {
+    echo "bigtrain-slurm: SIGUSR1 at $(date +%T): checkpoint, stop, requeue"
+    requeue=1
+    ask_to_stop
+}
+on_term() {
+    echo "bigtrain-slurm: SIGTERM at $(date +%T): checkpoint and stop"
+    ask_to_stop
+    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "Reason=TimeLimit"; then requeue=1; fi
+}
+trap on_usr1 USR1
+trap on_term TERM
 
 # The run directory, from the config and overrides; this also checks them before any node
 # is asked to start a process (a bad config stops here, with status 2 and no requeue).
 RUN_DIR=$("$PY" -c 'import sys; from bigtrain.config import load_config
 print(load_config(sys.argv[1], overrides=sys.argv[2:]).run_dir)' "$@") || exit 2
 mkdir -p "$RUN_DIR"
-rm -f "$RUN_DIR/STOP"   # a STOP left by an earlier job must not stop this one at once
+rm -f "$RUN_DIR/STOP"   # a STOP left by an earlier job must not stop this one at once...
+if (( stop )); then touch "$RUN_DIR/STOP"; fi   # ... but one asked for by now must
 
 # The allocation: nodes, the first node (rendezvous host), processes per node.
 NNODES=${SLURM_NNODES:-1}
@@ -37,20 +55,6 @@ if [[ -z ${BIGTRAIN_NPROC_PER_NODE:-} ]]; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     BIGTRAIN_NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
 fi
-
-requeue=0
-on_usr1() {
-    echo "bigtrain-slurm: SIGUSR1 at $(date +%T): checkpoint, stop, requeue"
-    requeue=1
-    touch "$RUN_DIR/STOP"
-}
-on_term() {
-    echo "bigtrain-slurm: SIGTERM at $(date +%T): checkpoint and stop"
-    touch "$RUN_DIR/STOP"
-    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "Reason=TimeLimit"; then requeue=1; fi
-}
-trap on_usr1 USR1
-trap on_term TERM
 
 echo "bigtrain-slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x" \
      "$BIGTRAIN_NPROC_PER_NODE process(es), head $HEAD:$PORT, run dir $RUN_DIR"
