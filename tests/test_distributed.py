@@ -149,6 +149,16 @@ def test_launch_commands_for_deepspeed_and_several_nodes(shakespeare_bytes, tmp_
     assert ds_multi.hostfile == tmp_path / "hostfile" and not ds_multi.hostfile.exists()  # written at launch
 
 
+def test_launcher_scripts_print_the_command(shakespeare_bytes, tmp_path):
+    env = {**rank_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
+    args = ["configs/gpt2-124m-zero2.yaml", f"data.path={shakespeare_bytes}", "batch.micro_size=2", "--dry-run"]
+    for script, expect in [("torchrun.sh", "torchrun --nproc-per-node=2 --standalone -m bigtrain train"),
+                           ("deepspeed.sh", "deepspeed --num_gpus=2 --master_port=")]:
+        r = subprocess.run(["bash", f"launcher/{script}", *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and expect in r.stdout, r.stderr
+
+
 def test_launch_rejects_a_world_that_does_not_divide_the_batch(shakespeare_bytes, tmp_path):
     r = bigtrain(["launch", "configs/smoke-2rank.yaml", "--nproc-per-node", "3",
                   f"data.path={shakespeare_bytes}", f"run_dir={tmp_path / 'run'}"])

@@ -54,11 +54,14 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     if b.global_size % (b.micro_size * world):
         raise ConfigError(f"config error: batch.global_size={b.global_size} is not a multiple of "
                           f"batch.micro_size={b.micro_size} x world size {world}")
-    zero: dict = {"stage": p.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
-    if p.zero_stage == 3:
-        # Gather every parameter when it is used (no small-parameter persistence), so that
-        # memory scales with 1/world as FSDP's does; prefetch one block ahead.
-        zero |= {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": int(5e7)}
+    # Buckets sized by the model, as Hugging Face's "auto" does: DeepSpeed's fixed default
+    # (5e8 elements) allocates gigabytes of bucket per rank whatever the model's size.
+    d2 = cfg.model.d_model ** 2
+    zero: dict = {"stage": p.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
+                  "reduce_bucket_size": d2, "allgather_bucket_size": d2}
+    if p.zero_stage == 3:  # gather a block ahead; keep only vectors (norms, biases) replicated
+        zero |= {"stage3_prefetch_bucket_size": int(0.9 * d2),
+                 "stage3_param_persistence_threshold": 10 * cfg.model.d_model}
     return {
         "train_batch_size": b.global_size,
         "train_micro_batch_size_per_gpu": b.micro_size,

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Start bigtrain on this node under torchrun (for parallel.backend none or fsdp; deepspeed
+# runs under torchrun as well).
+#
+#   launcher/torchrun.sh CONFIG.yaml [key=value ...] [--dry-run]
+#
+# One node: NPROC_PER_NODE processes (default: one per GPU, else 1).
+# Several nodes: run it on every node (from SLURM: once per node, with srun), e.g.
+#   NNODES=4 NODE_RANK=$SLURM_NODEID RDZV_ENDPOINT=$HEAD:29400 launcher/torchrun.sh CONFIG.yaml
+# PYTHON picks the interpreter that has bigtrain installed (default: python).
+# It prints the exact torchrun command, then runs it; the logic is in bigtrain/launch.py.
+set -euo pipefail
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+exec "${PYTHON:-python}" -m bigtrain launch --launcher torchrun --nproc-per-node "$NPROC_PER_NODE" \
+    --nnodes "${NNODES:-1}" ${NODE_RANK:+--node-rank "$NODE_RANK"} ${RDZV_ENDPOINT:+--rdzv-endpoint "$RDZV_ENDPOINT"} \
+    "$@"
