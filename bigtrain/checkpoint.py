@@ -108,6 +108,8 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.stager = None
         self.pending: threading.Thread | None = None
+        self.hold = None  # the optimizer pre-step hook that waits for an async save's CPU copy
+        self.blocked_s = 0.0  # time the training loop has waited on checkpoints: in save() and held updates
         self.error: BaseException | None = None
         self.last_step: int | None = None  # the step whose state is saved (or was loaded)
 
@@ -142,6 +144,7 @@ class Checkpointer:
         final = step_dir(self.root, step)
         if step == self.last_step:
             return final
+        t0 = time.perf_counter()
         self.wait()
         tmp = tmp_dir(final)
         if self.env.is_main:
@@ -153,15 +156,26 @@ class Checkpointer:
             if self.stager is None:
                 from bigtrain.parallel.dcp_io import make_stager
                 self.stager = make_stager(self.env.device)
-            future = trainer.backend.async_save_sharded(tmp, self.group, self.stager)
+            response = trainer.backend.async_save_sharded(tmp, self.group, self.stager)
+            # The copy to CPU overlaps the next forward and backward; only the update, which
+            # would change what is being copied, waits for it.
+            staged = response.staging_completion
+            self.hold = trainer.backend.optimizer.register_step_pre_hook(lambda *_: self._held(staged))
             self.pending = threading.Thread(target=self._commit_in_background, name="checkpoint-commit",
-                                            args=(future.result, step, tmp, final, trainer), daemon=True)
+                                            args=(response.upload_completion.result, step, tmp, final, trainer),
+                                            daemon=True)
             self.pending.start()
         else:
             trainer.backend.save_sharded(tmp)
             self._commit(lambda: None, step, tmp, final, trainer)
         self.last_step = step
+        self.blocked_s += time.perf_counter() - t0
         return final
+
+    def _held(self, staged) -> None:
+        t0 = time.perf_counter()
+        staged.result()
+        self.blocked_s += time.perf_counter() - t0
 
     def _write_own_files(self, trainer, tmp: Path) -> None:
         """The small files, written now (even when the shards go async) so they hold this step."""
@@ -207,6 +221,9 @@ class Checkpointer:
         if self.pending is not None:
             self.pending.join()
             self.pending = None
+        if self.hold is not None:
+            self.hold.remove()
+            self.hold = None
         if self.error is not None:
             error, self.error = self.error, None
             raise error

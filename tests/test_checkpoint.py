@@ -79,6 +79,27 @@ def test_async_save_writes_what_a_sync_save_writes(local_run, shakespeare_bytes,
     assert last_losses(tmp_path) == last_losses(local_run)
 
 
+def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, tmp_path):
+    """An async save copies the state to CPU in the background; an update that comes before
+    the copy is complete must wait for it, or the checkpoint would mix two steps."""
+    cfg = tiny_config(shakespeare_bytes, tmp_path, model__n_layer=6, model__d_model=512, model__n_head=8,
+                      model__seq_len=2, batch__global_size=1, batch__micro_size=1, checkpoint__async=True)
+    trainer = Trainer(cfg, CPU)
+    try:
+        trainer.train_step(trainer.loader.get(0, 1))  # the optimizer has state from here on
+        inputs, targets = next(trainer.loader.get(1, 1).micro_batches(1))
+        trainer.backend.forward_backward(inputs, targets, scale=1.0, last=True)
+        saved = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.state.step = 1
+        trainer.checkpointer.save(trainer)  # returns while the 19M-parameter state is being copied
+        trainer.backend.step(1e-3)          # so this update has to wait for the copy
+        trainer.checkpointer.wait()
+        assert not same_parameters(trainer.model, load_model(tmp_path))
+        assert all(torch.equal(p, q) for p, q in zip(load_model(tmp_path).parameters(), saved, strict=True))
+    finally:
+        trainer.close()
+
+
 # ---------------------------------------------------------------- bad checkpoints
 
 def damaged_run(local_run: Path, tmp_path: Path, damage) -> Path:

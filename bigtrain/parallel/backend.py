@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -134,8 +133,8 @@ class Backend:
         """Write this rank's shards into directory ``path``; every rank calls it."""
         dcp_io.save(self.sharded_state(), Path(path), self.env.distributed)
 
-    def async_save_sharded(self, path: Path, group, stager) -> Future:
-        """:meth:`save_sharded` that returns once the shards are copied to CPU (see dcp_io)."""
+    def async_save_sharded(self, path: Path, group, stager) -> dcp_io.AsyncSaveResponse:
+        """:meth:`save_sharded` in background threads: copy to CPU, then write (see dcp_io)."""
         return dcp_io.async_save(self.sharded_state(), Path(path), self.env.distributed, group, stager)
 
     def load_sharded(self, path: Path) -> None:

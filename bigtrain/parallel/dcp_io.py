@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 # A one-process save or load is deliberate here (no_dist), not a fallback worth a warning.
@@ -73,17 +73,22 @@ def save(state: dict, path: Path, distributed: bool) -> None:
 
 
 def make_stager(device: torch.device) -> DefaultStager:
-    """The CPU copy an async save writes from. Kept for the whole run: it reuses its
-    buffers, so only the first async save pays for allocating them."""
+    """The CPU copy an async save writes from, made in a background thread (on a side
+    stream, into pinned memory, on CUDA). Kept for the whole run: it reuses its buffers,
+    so only the first async save pays for allocating them."""
     cuda = device.type == "cuda"
     return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                        use_async_staging=False, use_non_blocking_copy=cuda))
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
 
 
-def async_save(state: dict, path: Path, distributed: bool, group, stager: DefaultStager) -> Future:
-    """Copy ``state`` to CPU now, write it in a background thread; the future resolves when
-    every rank's shards and the ``.metadata`` are on disk. ``group`` must be a gloo group
-    the training loop does not use, since the writer thread runs collectives on it."""
+def async_save(state: dict, path: Path, distributed: bool, group, stager: DefaultStager) -> AsyncSaveResponse:
+    """Start copying ``state`` to CPU and writing it, both in background threads.
+
+    ``staging_completion`` resolves when the copy is done: until then nothing may modify
+    the tensors in ``state`` (the caller holds back the optimizer). ``upload_completion``
+    resolves when every rank's shards and the ``.metadata`` are on disk. ``group`` must be
+    a gloo group the training loop does not use: the writer thread runs collectives on it.
+    """
     return dcp.async_save(state, storage_writer=FileSystemWriter(str(path)), process_group=group,
                           async_stager=stager, no_dist=not distributed)
 
