@@ -199,7 +199,6 @@ class Trainer:
         if hasattr(self, "guard") and "guard" in state:
             self.guard.load_state_dict(state["guard"])
 
-
     def log_train(self, result: dict, window: dict) -> None:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
