@@ -72,19 +72,24 @@ def select(cfg: Config, world: int, verify: bool = True) -> tuple[Path | None, l
     """The checkpoint ``checkpoint.resume`` asks for, and the problems of newer ones passed over.
 
     ``auto``: the newest committed checkpoint in ``RUN_DIR/checkpoints``; if it is unusable,
-    older ones only with ``checkpoint.fallback: true``. ``never``: none. Otherwise a path.
-    Raises :class:`ConfigError` with one line when nothing usable is found. Reads, never deletes.
+    older ones only with ``checkpoint.fallback: true``. ``never``: none. A path inside this
+    run's checkpoints: exactly that one (a manual rollback). A path elsewhere (starting from
+    another run) counts only until this run has committed checkpoints of its own; after
+    that, a restarted job goes on from its own newest, as with ``auto``, instead of losing
+    its progress. Raises :class:`ConfigError` with one line when nothing usable is found.
+    Reads, never deletes.
     """
-    mode = cfg.checkpoint.resume
+    mode, root = cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints"
     if mode == "never":
         return None, []
-    if mode != "auto":
+    own = committed(root)
+    if mode != "auto" and not (own and Path(mode).resolve().parent != root.resolve()):
         why = problem(Path(mode), cfg, world, verify)
         if why:
             raise ConfigError(f"checkpoint.resume: {why}")
         return Path(mode), []
     passed: list[str] = []
-    for _, path in reversed(committed(Path(cfg.run_dir) / "checkpoints")):
+    for _, path in reversed(own):
         why = problem(path, cfg, world, verify)
         if why is None:
             return path, passed
@@ -93,7 +98,7 @@ def select(cfg: Config, world: int, verify: bool = True) -> tuple[Path | None, l
                               "or checkpoint.resume=never to start over")
         passed.append(why)
     if passed:
-        raise ConfigError(f"no loadable checkpoint in {cfg.run_dir}/checkpoints; the newest: {passed[0]}")
+        raise ConfigError(f"no loadable checkpoint in {root}; the newest: {passed[0]}")
     return None, []
 
 

@@ -161,7 +161,8 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="save every N steps; 0: only at the end")
     keep: int = Field(3, ge=1, description="committed checkpoints kept (newest)")
-    resume: str = Field("auto", description="auto | never | <path to a step-XXXXXXXX dir>")
+    resume: str = Field("auto", description="auto (the newest committed) | never | <path to a step-XXXXXXXX dir>; "
+                                            "a path from another run counts until this run has its own")
     async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training goes on")
     fallback: bool = Field(False, description="if the newest checkpoint is unreadable, try older ones")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.checkpoint import load_model
+from bigtrain.checkpoint import load_model, select
 from bigtrain.checkpoint_format import committed
 from bigtrain.cli import main
 from bigtrain.data.order import SampleOrder
@@ -125,7 +125,7 @@ BAD = {
     "corrupted shard": (lambda c: flip_byte(c / "__0_0.distcp"), [], "__0_0.distcp is corrupted"),
     "other model": (lambda c: None, ["model.n_layer=3"], "model.n_layer=2 there, 3 in this config"),
     "newer format": (newer_format, [], "format version 99"),
-    "not a checkpoint": (lambda c: None, ["checkpoint.resume={run}/checkpoints"], "not a bigtrain checkpoint"),
+    "not a checkpoint": (lambda c: (c / "meta.json").unlink(), [], "not a bigtrain checkpoint"),
     "unfinished write": (lambda c: c.rename(c.with_name(c.name + ".tmp")),
                          ["checkpoint.resume={run}/checkpoints/step-00000008.tmp"], "unfinished write"),
 }
@@ -212,6 +212,9 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespea
         losses = last_losses(run)
         assert sorted(losses) == list(range(first, STEPS + 1))
         assert losses == pytest.approx({s: reference[s] for s in losses}, rel=1e-5, abs=0)
+    # restarted with the same command, the 1-rank run goes on from its own newest checkpoint
+    again = tiny_config(shakespeare_bytes, one, checkpoint__resume=f"{fsdp_run}/checkpoints/step-00000004")
+    assert select(again, 1) == (one / "checkpoints" / "step-00000008", [])
     # the data position is what the uninterrupted run had, and the order depends on nothing else
     cfg = tiny_config(shakespeare_bytes, tmp_path)
     resumed = Trainer(cfg, CPU)
