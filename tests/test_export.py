@@ -31,7 +31,7 @@ def train(data: str, run_dir, **options) -> None:
 
 
 @pytest.mark.parametrize("arch,options", [("GPT2LMHeadModel", GPT2), ("LlamaForCausalLM", LLAMA)])
-def test_export_round_trip_through_transformers(arch, options, shakespeare_bytes, tmp_path, capsys):
+def test_export_round_trip_through_transformers(arch, options, shakespeare_bytes, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run, out = tmp_path / "run", tmp_path / "hf"
     train(shakespeare_bytes, run, **options)
