@@ -31,6 +31,20 @@ def tiny_config(data: str, run_dir: str | Path, **extra) -> Config:
     return load_config(overrides=tiny_overrides(data, run_dir, **extra))
 
 
+def fit(cfg: Config, env=None):
+    """Train ``cfg`` to the end in this process (one CPU rank unless ``env`` says otherwise)."""
+    import torch
+
+    from bigtrain.parallel.env import DistEnv
+    from bigtrain.trainer import Trainer
+    trainer = Trainer(cfg, env or DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,18 +16,10 @@ import torch
 
 from bigtrain.parallel.env import init_distributed, shutdown
 from bigtrain.trainer import Trainer
-from helpers import read_jsonl, tiny_config
+from helpers import fit, read_jsonl, tiny_config
 
 NAN_STEP = 4
 
-
-def train(cfg, env) -> Trainer:
-    trainer = Trainer(cfg, env)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +38,9 @@ def main(data: str, out: str, runs: str) -> None:
     report: dict = {"rank": env.rank}
     for backend in ("none", "fsdp"):
         common = dict(parallel__backend=backend, schedule__decay="constant", eval__batches=0)
-        faulty = train(tiny_config(data, Path(out) / f"{backend}-nan", faults__nan_at=[NAN_STEP],
+        faulty = fit(tiny_config(data, Path(out) / f"{backend}-nan", faults__nan_at=[NAN_STEP],
                                    faults__rank=1, schedule__max_steps=NAN_STEP, **common), env)
-        clean = train(tiny_config(data, Path(out) / f"{backend}-clean", schedule__max_steps=NAN_STEP - 1,
+        clean = fit(tiny_config(data, Path(out) / f"{backend}-clean", schedule__max_steps=NAN_STEP - 1,
                                   **common), env)
         (p1, m1), (p2, m2) = snapshot(faulty), snapshot(clean)
         report[backend] = {
@@ -60,7 +52,7 @@ def main(data: str, out: str, runs: str) -> None:
             "verdict": faulty.guard.last.kind,
         }
     for name, overrides in json.loads(runs).items():
-        trained = train(tiny_config(data, Path(out) / name, **overrides), env)
+        trained = fit(tiny_config(data, Path(out) / name, **overrides), env)
         report[name] = {"losses": [r["loss"] for r in read_jsonl(Path(out) / name / "metrics.jsonl") if "loss" in r],
                         "skips": trained.order.skips}
     Path(out, f"rank-{env.rank}.json").write_text(json.dumps(report))

@@ -20,20 +20,13 @@ from bigtrain.cli import main
 from bigtrain.data.order import SampleOrder
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
-from helpers import REPO, bigtrain, rank_env, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
+from helpers import (REPO, bigtrain, fit, rank_env, read_jsonl, tiny_config, tiny_overrides, torchrun,
+                     train_losses)
 
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 STEPS = 8
 
-
-def fit(cfg) -> Trainer:
-    trainer = Trainer(cfg, CPU)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
 
 
 def same_parameters(a, b) -> bool:

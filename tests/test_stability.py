@@ -18,20 +18,12 @@ from bigtrain.inspect import inspect_step
 from bigtrain.parallel.env import DistEnv
 from bigtrain.stability.detector import NONFINITE, OK, SPIKE, SpikeDetector, robust_stats
 from bigtrain.trainer import Trainer
-from helpers import REPO, bigtrain, free_port, rank_env, read_jsonl, tiny_config, tiny_overrides
+from helpers import bigtrain, fit, free_port, rank_env, read_jsonl, REPO, tiny_config, tiny_overrides
 
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 # Spikes are judged after 20 normal steps against the last 32; injected ones come at step 40 or later.
 GUARD = dict(stability__window=32, stability__warmup=20)
 
-
-def run(cfg) -> Trainer:
-    trainer = Trainer(cfg, CPU)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
 
 
 def events(run_dir, *kinds) -> list[dict]:
@@ -82,8 +74,8 @@ def test_spikes_are_skipped_then_rolled_back_past_and_the_run_ends_like_a_clean_
     common = dict(model__d_model=64, model__seq_len=64, batch__global_size=16, batch__micro_size=16,
                   schedule__warmup_steps=10, schedule__max_steps=150, eval__batches=4, logging__every=5,
                   checkpoint__every=25, stability__rollback_margin=2, **GUARD)
-    run(tiny_config(shakespeare_char, tmp_path / "clean", **common))
-    spiky = run(tiny_config(shakespeare_char, tmp_path / "spiky", faults__spike_at=[40, 41, 80, 81, 82], **common))
+    fit(tiny_config(shakespeare_char, tmp_path / "clean", **common))
+    spiky = fit(tiny_config(shakespeare_char, tmp_path / "spiky", faults__spike_at=[40, 41, 80, 81, 82], **common))
     run_dir = tmp_path / "spiky"
 
     assert [(e["event"], e["step"]) for e in events(run_dir, "spike", "nonfinite")] == \
@@ -127,9 +119,9 @@ def test_resume_in_the_middle_of_an_episode_makes_the_same_decisions(shakespeare
     """The checkpoint at step 40 is taken one anomalous step into an episode; a run resumed
     from it still counts that step and rolls back at 42, exactly as the uninterrupted run."""
     common = dict(checkpoint__every=5, schedule__decay="constant", faults__spike_at=[40, 41, 42], **GUARD)
-    run(tiny_config(shakespeare_char, tmp_path / "whole", schedule__max_steps=50, **common))
-    run(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=40, **common))
-    run(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=50, **common))
+    fit(tiny_config(shakespeare_char, tmp_path / "whole", schedule__max_steps=50, **common))
+    fit(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=40, **common))
+    fit(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=50, **common))
 
     def decisions(evs):
         return [{k: v for k, v in e.items() if k not in ("time", "checkpoint")} for e in evs]
@@ -173,7 +165,7 @@ def test_nonfinite_step_leaves_weights_moments_and_step_count_untouched_and_neve
         shakespeare_char, tmp_path, enabled):
     cfg = tiny_config(shakespeare_char, tmp_path, faults__nan_at=[6, 7], schedule__max_steps=8,
                       checkpoint__every=1, checkpoint__keep=10, eval__batches=0, stability__enabled=enabled)
-    run(cfg)
+    fit(cfg)
     assert [(e["event"], e["step"]) for e in events(tmp_path, "nonfinite")] == [("nonfinite", 6), ("nonfinite", 7)]
     states = {}
     for step, path in committed(tmp_path / "checkpoints"):
@@ -223,7 +215,7 @@ def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_
         return [(e["event"], e["step"], e.get("to_step"), e.get("skip_start"), e.get("skip_end"))
                 for e in events(run_dir) if e["event"] != "resume"]
     for name, overrides in runs.items():
-        single = run(tiny_config(shakespeare_char, tmp_path / f"{name}1", **overrides))
+        single = fit(tiny_config(shakespeare_char, tmp_path / f"{name}1", **overrides))
         one = [r["loss"] for r in read_jsonl(tmp_path / f"{name}1" / "metrics.jsonl") if "loss" in r]
         assert reports[0][name]["losses"] == pytest.approx(one, rel=1e-4), name
         assert [list(s) for s in single.order.skips] == reports[0][name]["skips"]
@@ -241,7 +233,7 @@ RAMP = dict(batch__global_size=32, batch__micro_size=4, batch__reference_size=16
 
 @pytest.mark.parametrize("rule", ["sqrt", "linear"])
 def test_lr_follows_the_ramped_batch_by_the_scaling_rule(shakespeare_char, tmp_path, rule):
-    run(tiny_config(shakespeare_char, tmp_path, schedule__scaling=rule, eval__batches=0, **RAMP))
+    fit(tiny_config(shakespeare_char, tmp_path, schedule__scaling=rule, eval__batches=0, **RAMP))
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     samples = 0

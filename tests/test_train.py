@@ -6,20 +6,8 @@ import math
 import pytest
 import torch
 
-from bigtrain.parallel.env import DistEnv
-from bigtrain.trainer import Trainer
-from helpers import bigtrain, read_jsonl, tiny_config, tiny_overrides
+from helpers import bigtrain, fit, read_jsonl, tiny_config, tiny_overrides
 
-CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-
-
-def run(cfg) -> Trainer:
-    trainer = Trainer(cfg, CPU)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
 
 
 def losses(run_dir) -> list[float]:
@@ -32,7 +20,7 @@ def test_short_run_learns_well_below_uniform(shakespeare_char, tmp_path):
                       model__seq_len=64, batch__global_size=16, batch__micro_size=16, optim__lr=3e-3,
                       schedule__warmup_steps=10, schedule__max_steps=150, logging__every=10,
                       eval__batches=4, parallel__precision="bf16")
-    trainer = run(cfg)
+    trainer = fit(cfg)
     uniform = math.log(cfg.model.vocab_size)
     train = losses(tmp_path)
     val = [r["val_loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in r]
@@ -44,8 +32,8 @@ def test_short_run_learns_well_below_uniform(shakespeare_char, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_micro_batch(shakespeare_bytes, tmp_path):
     """Same global batch split into 4 micro-batches or 1: same losses and weights (fp32)."""
-    one = run(tiny_config(shakespeare_bytes, tmp_path / "a", batch__micro_size=8, schedule__max_steps=6))
-    four = run(tiny_config(shakespeare_bytes, tmp_path / "b", batch__micro_size=2, schedule__max_steps=6))
+    one = fit(tiny_config(shakespeare_bytes, tmp_path / "a", batch__micro_size=8, schedule__max_steps=6))
+    four = fit(tiny_config(shakespeare_bytes, tmp_path / "b", batch__micro_size=2, schedule__max_steps=6))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
     for p, q in zip(one.model.parameters(), four.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5)  # Adam amplifies fp reordering on ~0 grads
@@ -58,12 +46,12 @@ def test_bf16_tracks_fp32(shakespeare_bytes, tmp_path):
 
 
 def losses_of(data, run_dir, precision):
-    run(tiny_config(data, run_dir, parallel__precision=precision, schedule__max_steps=20))
+    fit(tiny_config(data, run_dir, parallel__precision=precision, schedule__max_steps=20))
     return losses(run_dir)
 
 
 def test_metrics_names_and_token_accounting(shakespeare_bytes, tmp_path):
-    run(tiny_config(shakespeare_bytes, tmp_path, schedule__max_steps=4, logging__every=2))
+    fit(tiny_config(shakespeare_bytes, tmp_path, schedule__max_steps=4, logging__every=2))
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "samples", "verdict", "clip_rate"):
@@ -73,8 +61,8 @@ def test_metrics_names_and_token_accounting(shakespeare_bytes, tmp_path):
 
 
 def test_same_seed_same_run_and_data_order_is_the_global_order(shakespeare_bytes, tmp_path):
-    a = run(tiny_config(shakespeare_bytes, tmp_path / "a", schedule__max_steps=3))
-    b = run(tiny_config(shakespeare_bytes, tmp_path / "b", schedule__max_steps=3))
+    a = fit(tiny_config(shakespeare_bytes, tmp_path / "a", schedule__max_steps=3))
+    b = fit(tiny_config(shakespeare_bytes, tmp_path / "b", schedule__max_steps=3))
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     # the first global batch is positions 0..7 of the stream, in the Feistel order
     positions, end = a.order.next_batch(0, 8)
