@@ -20,6 +20,7 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.launch import Topology, build
 from bigtrain.parallel.deepspeed import deepspeed_config
+from bigtrain.parallel.env import process_layout
 from helpers import REPO, bigtrain, free_port, rank_env, read_jsonl, tiny_overrides
 
 WORKER = str(Path(__file__).resolve().parent / "dist_worker.py")
@@ -123,6 +124,28 @@ def test_a_failing_rank_ends_the_job(shakespeare_bytes, tmp_path):
     r = torchrun_worker(tmp_path, shakespeare_bytes, ["fsdp"], "--fail-rank", "1", timeout=120)
     assert r.returncode != 0
     assert "deliberate failure on rank 1" in r.stderr and "[rank 1] failed; ending the job" in r.stderr
+
+
+def test_fail_fast_exits_at_once_with_one_line_for_bad_input():
+    code = ("import torch; from bigtrain.config import ConfigError; "
+            "from bigtrain.parallel.env import DistEnv, fail_fast\n"
+            "with fail_fast(DistEnv(1, 2, 1, torch.device('cpu'))):\n"
+            "    raise ConfigError('config error: x = 1: expected 2')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "[rank 1] config error: x = 1: expected 2\n"
+
+
+@pytest.mark.parametrize("env, layout", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_STEP_NUM_TASKS": "2"}, (3, 8, 1)),  # torchrun
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4"}, (2, 4, 0)),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, (0, 1, 0)),  # the batch script itself: one process
+])
+def test_process_layout_from_the_launcher_environment(monkeypatch, env, layout):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert process_layout() == layout
 
 
 def test_launch_prints_and_runs_torchrun_for_fsdp(shakespeare_bytes, tmp_path):
