@@ -82,9 +82,9 @@ def torchrun_command(topo: Topology) -> list[str]:
 
 def deepspeed_command(topo: Topology, hostfile: Path) -> list[str]:
     cmd = _tool("deepspeed", "deepspeed.launcher.runner")
-    if topo.nnodes == 1 and not topo.rdzv_endpoint:
-        return cmd + [f"--num_gpus={topo.nproc_per_node}", f"--master_port={_free_port()}"]
-    host, _, port = topo.rdzv_endpoint.rpartition(":")
+    host, _, port = (topo.rdzv_endpoint or f"127.0.0.1:{_free_port()}").rpartition(":")
+    if topo.nnodes == 1:
+        return cmd + [f"--num_gpus={topo.nproc_per_node}", f"--master_port={port}"]
     return cmd + [f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={topo.node_rank}",
                   f"--master_addr={host}", f"--master_port={port}"]
 
