@@ -117,8 +117,7 @@ class AnomalyTracer:
                 nodes = _graph(loss.grad_fn) if "module" not in current and loss.grad_fn else []
                 node_handles = [node.register_hook(node_hook(node)) for node in nodes]
                 try:
-                    with self.backend.no_sync(i < len(micro) - 1):
-                        self.backend.backward(loss)  # every rank runs every backward: FSDP's collectives match
+                    self.backend.backward(loss)  # every rank runs every backward: FSDP's collectives match
                 finally:
                     for h in node_handles:
                         h.remove()

@@ -63,12 +63,8 @@ class Backend:
         """Run one micro-batch; ``scale`` turns its loss sum into its share of the
         rank's token-weighted mean. Returns the detached cross-entropy share."""
         ce_sum, z_sum = self.loss_terms(inputs, targets)
-        with self.no_sync(not last):
-            self.backward((ce_sum + z_sum) * scale)
+        self.backward((ce_sum + z_sum) * scale)
         return ce_sum.detach() * scale
-
-    def no_sync(self, skip_sync: bool):
-        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
