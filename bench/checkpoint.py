@@ -25,11 +25,10 @@ import torch
 
 from bigtrain.checkpoint_format import problem
 from bigtrain.config import load_config
-from bigtrain.data.prepare import prepare
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
+from common import prepared_data
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # 12 x 832 with a byte vocabulary: 99.8M parameters, nearly all in the blocks.
 MODEL = ["model.n_layer=12", "model.n_head=13", "model.d_model=832", "model.seq_len=64",
          "batch.global_size=1", "batch.micro_size=1", "parallel.precision=fp32", "logging.tensorboard=false",
@@ -74,10 +73,7 @@ def main() -> None:
     ap.add_argument("--dir", help="where to write checkpoints (default: a temp dir, removed after)")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bigtrain-bench-ckpt-"))
-    data = args.data
-    if data is None:
-        data = str(tmp / "data")
-        prepare(str(SHAKESPEARE) if SHAKESPEARE.is_file() else "stdlib", "bytes", data, overwrite=True)
+    data = prepared_data(args.data, tmp)
     cpu = DistEnv(0, 1, 0, torch.device("cpu"))
     cfg = load_config(overrides=MODEL + [f"data.path={data}", f"run_dir={tmp / 'run'}"])
     trainer = Trainer(cfg, cpu)

@@ -19,19 +19,13 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.data.prepare import prepare
 from bigtrain.parallel.env import DistEnv
 from bigtrain.preflight import run_preflight
 from bigtrain.trainer import Trainer
+from common import MODELS, prepared_data
 
 QUIET = ["logging.progress=off", "eval.batches=0", "checkpoint.every=0", "checkpoint.resume=never",
          "parallel.precision=bf16", "logging.tensorboard=true"]
-MODELS = {
-    "smoke": ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=128",
-              "batch.global_size=16", "batch.micro_size=8"],
-    "30M": ["model.n_layer=9", "model.n_head=8", "model.d_model=512", "model.seq_len=256",
-            "batch.global_size=8", "batch.micro_size=8"],
-}
 
 
 def step_times(trainer: Trainer, steps: int) -> tuple[float, float]:
@@ -59,11 +53,7 @@ def main() -> None:
     parser.add_argument("--data", help="a prepared dir (default: tiny Shakespeare, bytes)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-health-"))
-    data = args.data
-    if data is None:
-        data = str(tmp / "data")
-        source = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-        prepare(str(source) if source.is_file() else "stdlib", "bytes", data)
+    data = prepared_data(args.data, tmp)
     env = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     out = {"device": "cpu", "threads": torch.get_num_threads(), "models": {}}
     for name, model in MODELS.items():

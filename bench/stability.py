@@ -22,18 +22,12 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.data.prepare import prepare
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
+from common import MODELS, prepared_data
 
 QUIET = ["logging.tensorboard=false", "logging.progress=off", "eval.batches=0", "checkpoint.every=0",
          "checkpoint.resume=never", "parallel.precision=bf16"]
-MODELS = {
-    "smoke": ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=128",
-              "batch.global_size=16", "batch.micro_size=8"],
-    "30M": ["model.n_layer=9", "model.n_head=8", "model.d_model=512", "model.seq_len=256",
-            "batch.global_size=8", "batch.micro_size=8"],
-}
 
 
 def step_time(trainer: Trainer, steps: int) -> float:
@@ -65,12 +59,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--data", default=None, help="a prepared data dir (default: stdlib, bytes)")
+    ap.add_argument("--data", default=None, help="a prepared data dir (default: tiny Shakespeare, bytes)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
-    data = args.data or str(tmp / "stdlib")
-    if args.data is None:
-        prepare("stdlib", "bytes", data)
+    data = prepared_data(args.data, tmp)
     out = {"threads": torch.get_num_threads(), "device": "cpu"}
     for name, model in MODELS.items():
         cfg = load_config(overrides=model + QUIET + [f"data.path={data}", f"run_dir={tmp / name}"])

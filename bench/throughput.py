@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.data.prepare import prepare
 from bigtrain.metrics import peak_flops
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
+from common import prepared_data
 
 MODEL = ["model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.seq_len=256",
          "batch.global_size=8", "batch.micro_size=8", "logging.tensorboard=false", "logging.progress=off",
@@ -74,12 +74,10 @@ def bigtrain_loop(cfg, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--data", default=None, help="a prepared data dir (default: stdlib, bytes)")
+    ap.add_argument("--data", default=None, help="a prepared data dir (default: tiny Shakespeare, bytes)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
-    data = args.data or str(tmp / "stdlib")
-    if args.data is None:
-        prepare("stdlib", "bytes", data)
+    data = prepared_data(args.data, tmp)
     out = {"threads": torch.get_num_threads(), "steps": args.steps}
     for precision in ("fp32", "bf16"):
         cfg = load_config(overrides=MODEL + [f"data.path={data}", f"run_dir={tmp / precision}",

@@ -48,24 +48,17 @@ def randomize(model: GPT) -> None:
                 p.normal_(0, p.shape[1] ** -0.5)
 
 
-def test_logits_equal_hf_gpt2():
+@pytest.mark.parametrize("arch, options", [
+    ("GPT2LMHeadModel", dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True)),
+    ("LlamaForCausalLM", dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
+                              rope_theta=500.0, norm_eps=1e-6)),
+])
+def test_logits_equal_hf(arch, options):
     torch.manual_seed(0)
-    model = GPT(tiny(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True)).eval()
+    model = GPT(tiny(**options)).eval()
     randomize(model)
     hf = to_hf(model)
-    assert type(hf).__name__ == "GPT2LMHeadModel"
-    idx = torch.randint(0, 97, (2, 32))
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
-
-
-def test_logits_equal_hf_llama():
-    torch.manual_seed(0)
-    model = GPT(tiny(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
-                     rope_theta=500.0, norm_eps=1e-6)).eval()
-    randomize(model)
-    hf = to_hf(model)
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == arch
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
