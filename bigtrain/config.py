@@ -165,6 +165,9 @@ class CheckpointConfig(Section):
                                             "a path from another run counts until this run has its own")
     async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training goes on")
     fallback: bool = Field(False, description="if the newest checkpoint is unreadable, try older ones")
+    accept_data_change: bool = Field(False, description="resume although the data order changed (seed, corpus, "
+                                                         "sample count): the saved position then points into "
+                                                         "another stream")
 
 
 class StabilityConfig(Section):

@@ -62,7 +62,7 @@ class StopRequest:
     def preempt(self, trainer, reason: str) -> None:
         """Save a checkpoint of the step just finished and record why the run stopped.
         The ``STOP`` file is removed once acted on, so the next run does not stop at once."""
-        trainer.checkpointer.save(trainer)
+        trainer.checkpointer.save(trainer.state.step, trainer.parts())
         trainer.checkpointer.wait()  # an async save must be committed before the process exits
         trainer.ledger.record("preempt", trainer.state.step, reason=reason)
         trainer.metrics.text(f"bigtrain: stopping at step {trainer.state.step} ({reason}); "

@@ -19,7 +19,7 @@ from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
-from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.faults import Faults, check_faults
 from bigtrain.health import Health
 from bigtrain.ledger import Ledger
@@ -40,6 +40,13 @@ class TrainState:
     position: int = 0
     samples: int = 0
     tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, int(state[f.name]))  # in place: fit() holds this object
 
 
 def check_world(cfg: Config, world: int) -> None:
@@ -97,7 +104,7 @@ class Trainer:
         self.backend = build_backend(self.model, cfg, env)
 
         self.state = TrainState()
-        self.order = SampleOrder(self.train_split.num_samples(cfg.model.seq_len), cfg.seed)
+        self.order = run_order(cfg, self.data, self.train_split)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
@@ -108,7 +115,8 @@ class Trainer:
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
-        self.checkpointer = Checkpointer(cfg, env)
+        self.checkpointer = Checkpointer(cfg, env, log=self.metrics.text,
+                                         before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
@@ -146,7 +154,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
-        self.checkpointer.resume(self)                # per checkpoint.resume (auto: the newest committed)
+        resumed = self.checkpointer.resume(self.parts())  # per checkpoint.resume (auto: the newest committed)
+        if resumed:
+            self.ledger.record("resume", resumed.step, path=str(resumed.path), passed_over=resumed.passed_over)
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
@@ -169,7 +179,7 @@ class Trainer:
                 continue  # rolled back: the state is the checkpoint's
             self.faults.crash_at(state.step)          # test hook (off by default): kill -9 here
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                self.checkpointer.save(self)
+                self.checkpointer.save(state.step, self.parts())
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 self.evaluate()
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
@@ -177,27 +187,15 @@ class Trainer:
                 return state
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
             self.evaluate()
-        self.checkpointer.save(self)                  # the end of training is always committed
+        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed
         self.checkpointer.wait()
         return state
 
-    def train_state(self) -> dict:
-        """What a checkpoint holds besides weights and optimizer: where the run is in the
-        data, the skip ledger, and the stability guard's memory (so a resumed run decides alike)."""
-        state = {**asdict(self.state), "skips": self.order.skips}
-        if hasattr(self, "guard"):
-            state["guard"] = self.guard.state_dict()
-        return state
-
-    def load_train_state(self, state: dict) -> None:
-        """Inverse of :meth:`train_state`. Skip ranges are added to the live ledger: it only
-        ever grows, so the checkpoint's ranges are already in it or it is empty."""
-        for f in fields(TrainState):
-            setattr(self.state, f.name, int(state[f.name]))  # in place: fit() holds this object
-        for start, end in state["skips"]:
-            self.order.add_skip(start, end)
-        if hasattr(self, "guard") and "guard" in state:
-            self.guard.load_state_dict(state["guard"])
+    def parts(self) -> dict:
+        """What a checkpoint holds: the backend's model and optimizer shards, where the run
+        is, the data order's skip ledger, and the stability guard's memory (so a resumed
+        run decides alike)."""
+        return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
 
     def log_train(self, result: dict, window: dict) -> None:
         if self.env.device.type == "cuda":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigtrain.checkpoint_format import committed, problem
+from bigtrain.checkpoint.format import committed, problem
 from bigtrain.cli import main
 from bigtrain.config import ConfigError
 from bigtrain.inspect import inspect_step
@@ -170,7 +170,7 @@ def test_nonfinite_step_leaves_weights_moments_and_step_count_untouched_and_neve
     states = {}
     for step, path in committed(tmp_path / "checkpoints"):
         probe = Trainer(cfg.model_copy(update={"run_dir": str(tmp_path / f"probe{step}")}), CPU)
-        probe.checkpointer.load(probe, path)
+        probe.checkpointer.load(path, probe.parts())
         model = {k: v.clone() for k, v in probe.backend.model.state_dict().items()}
         optim = probe.backend.optimizer.state_dict()["state"]
         tensors = list(model.values()) + [t for s in optim.values() for t in s.values()]

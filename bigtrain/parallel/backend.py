@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.optim import build_optimizer, set_lr
-from bigtrain.parallel import dcp_io
+from bigtrain.checkpoint import dcp_io
 from bigtrain.parallel.env import DistEnv
 
 

@@ -116,7 +116,8 @@ class Guard:
         # the margin counts batches of readable data, so measure it on the current ledger
         _, skip_end = trainer.order.next_batch(batch.next_position, self.cfg.rollback_margin * batch.size)
         rollbacks, skipped = self.rollbacks, self.skipped
-        trainer.checkpointer.load(trainer, path)  # model, optimizer, state, skips, detector, RNG
+        trainer.checkpointer.load(path, trainer.parts())  # model, optimizer, state, skips, detector, RNG
+        trainer.checkpointer.abandon_after(to_step)  # the timeline past to_step may never be resumed
         self.rollbacks, self.skipped, self.episode = rollbacks, skipped, []
         entry = {"step": step, "to_step": to_step, "skip_start": trainer.state.position, "skip_end": skip_end}
         self.rollbacks.append(entry)
