@@ -1,10 +1,14 @@
-"""The training loop.
+"""The training loop, as a recipe.
 
-:meth:`Trainer.train_step` is the recipe: run every micro-batch forward and
-backward, reduce the loss over ranks, measure the global gradient norm, let the
-stability policy judge the step, then clip and update, or skip. Everything else
-(which samples a step reads, how the model is sharded, when to checkpoint, what
-to log) lives in its own module and is wired together in :meth:`Trainer.__init__`.
+:meth:`Trainer.train_step` is one step: the backend measures the batch's loss and
+gradient norm, the guard judges them, and the update is applied or discarded.
+:meth:`Trainer.fit` is the loop around it: read the next batch, step, carry out
+what the guard decided (go on, roll back, abort), checkpoint, evaluate, stop when
+asked. The policies live in their own modules and are wired together in
+:meth:`Trainer.__init__`: which samples a step reads (``data.order``), how the
+model is sharded (``parallel``), checkpoints (``checkpoint``), what is anomalous
+(``stability.detector``), what to do about it (``stability.guard``) and how
+(``stability.recovery``).
 """
 from __future__ import annotations
 
@@ -29,14 +33,18 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.signals import StopRequest
-from bigtrain.stability.guard import Guard
+from bigtrain.stability.guard import ABORT, GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
+from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
 
 
 @dataclass
 class TrainState:
-    """Where the run is. ``position`` is in the global sample stream; ``samples`` counts
-    samples trained on (it drives ramp-up); both are saved in every checkpoint."""
+    """Where the run is; saved in every checkpoint. ``step`` counts steps taken, skipped ones
+    included (``schedule.max_steps`` counts these: batches consumed); ``updates`` counts the
+    updates applied, which the LR schedule follows (a skipped step does not advance it, as in
+    Megatron). ``position`` is in the global sample stream; ``samples`` drives ramp-up."""
     step: int = 0
+    updates: int = 0
     position: int = 0
     samples: int = 0
     tokens: int = 0
@@ -45,6 +53,9 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [f.name for f in fields(self) if f.name not in state]
+        if missing:
+            raise ConfigError(f"the train state lacks {missing}: written by an older bigtrain")
         for f in fields(self):
             setattr(self, f.name, int(state[f.name]))  # in place: fit() holds this object
 
@@ -113,16 +124,26 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
         self.guard = Guard(cfg.stability, env, self.ledger)
+        self.skip_policy = skip_window                # what a rollback skips (see stability.recovery)
+        self.protected_for: int | None = None         # the episode whose rollback target is pinned
+        self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
-        self.checkpointer = Checkpointer(cfg, env, log=self.metrics.text,
-                                         before_commit=self.faults.crash_in_checkpoint)
+        self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
+        if cfg.stability.enabled and not cfg.checkpoint.every:
+            self.metrics.text("stability: checkpoint.every=0 keeps no checkpoint to roll back to: an episode of "
+                              f"{cfg.stability.max_consecutive} anomalous steps will abort the run "
+                              "(set checkpoint.every to let the guard roll back)")
         if self.faults.describe():
             self.metrics.text(self.faults.describe())
+
+    def parts(self) -> dict:
+        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds)."""
+        return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
 
     # ------------------------------------------------------------------ the recipe
     def batch_size(self, samples: int) -> int:
@@ -142,20 +163,21 @@ class Trainer:
         grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
         local_nonfinite |= not math.isfinite(float(grad_norm))  # this rank's grads: any NaN/inf shows here
         verdict = self.guard.judge(loss, float(grad_norm), local_nonfinite)  # the same on every rank
-        lr = lr_at(self.state.step, batch.size, cfg)
+        lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
         clip = 1.0
         if verdict.apply:
             clip = backend.clip(grad_norm, cfg.optim.grad_clip)
             backend.step(lr)
         backend.zero_grad()
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "batch_size": batch.size,
-                "clipped": clip < 1.0, "verdict": verdict.kind}
+                "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
-        resumed = self.checkpointer.resume(self.parts())  # per checkpoint.resume (auto: the newest committed)
-        if resumed:
+        if refusal := self.aborted.check(self.metrics.text):  # an aborted run stays aborted
+            raise StabilityAbort(refusal)
+        if resumed := self.checkpointer.resume(self.parts()):  # per checkpoint.resume (auto: the newest)
             self.ledger.record("resume", resumed.step, path=str(resumed.path), passed_over=resumed.passed_over)
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
@@ -167,6 +189,7 @@ class Trainer:
             result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
             state.step += 1
+            state.updates += result["applied"]
             state.position = batch.next_position
             state.samples += batch.size
             state.tokens += batch.size * cfg.model.seq_len
@@ -175,15 +198,20 @@ class Trainer:
             window["steps"] += 1
             if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
                 self.log_train(result, window)
-            if self.guard.after_step(self, batch):
-                continue  # rolled back: the state is the checkpoint's
-            self.faults.crash_at(state.step)          # test hook (off by default): kill -9 here
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                self.checkpointer.save(state.step, self.parts())
-            if cfg.eval.every and state.step % cfg.eval.every == 0:
+            step = state.step
+            decision = self.guard.after_step(step, batch.step_position, batch.next_position, batch.size)
+            if decision.action != GO_ON:
+                self.act_on(step, decision)           # roll back (state is the checkpoint's) or raise
+            self.protect_rollback_target()
+            self.faults.crash_at(step)                # test hook (off by default): kill -9 here
+            if decision.action == ROLLBACK:
+                continue
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.checkpointer.save(step, self.parts())
+            if cfg.eval.every and step % cfg.eval.every == 0:
                 self.evaluate()
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
-                self.stop.preempt(self, reason)       # checkpoint, ledger "preempt", exit 0; resume continues
+                self.preempt(reason)
                 return state
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
             self.evaluate()
@@ -191,11 +219,41 @@ class Trainer:
         self.checkpointer.wait()
         return state
 
-    def parts(self) -> dict:
-        """What a checkpoint holds: the backend's model and optimizer shards, where the run
-        is, the data order's skip ledger, and the stability guard's memory (so a resumed
-        run decides alike)."""
-        return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
+    def act_on(self, step: int, decision: Decision) -> None:
+        """Roll back, or abort for good: mark ``RUN_DIR/ABORTED``, raise :class:`StabilityAbort`."""
+        if decision.action == ROLLBACK:
+            done = roll_back(decision, self.checkpointer, self.parts(), self.skip_policy,
+                             self.cfg.stability.rollback_margin, self.ledger)
+            if done is not None:
+                self.metrics.text(f"stability: step {step}: {len(decision.episode)} anomalous steps in a row; "
+                                  f"rolled back to step {done['to_step']} and skipped stream positions "
+                                  + ", ".join(f"[{a}, {b})" for a, b in done["skips"]))
+                return
+            reason = f"no committed checkpoint before step {decision.first_step} to roll back to"
+            if not self.cfg.checkpoint.every:
+                reason += " (set checkpoint.every to keep rollback targets)"
+        else:
+            assert decision.action == ABORT
+            reason = decision.reason
+        error = self.guard.abort(step, decision, reason)
+        self.aborted.write(step, reason)
+        raise error
+
+    def protect_rollback_target(self) -> None:
+        """While an episode is open, retention keeps the checkpoint a rollback would go back to."""
+        first = self.guard.open_since
+        if first != self.protected_for:
+            self.protected_for = first
+            self.checkpointer.protect(rollback_target(self.checkpointer, first))
+
+    def preempt(self, reason: str) -> None:
+        """Checkpoint the step just finished, record why the run stopped; the caller exits 0."""
+        self.checkpointer.save(self.state.step, self.parts())
+        self.checkpointer.wait()  # an async save must be committed before the process exits
+        self.ledger.record("preempt", self.state.step, reason=reason)
+        self.metrics.text(f"bigtrain: stopping at step {self.state.step} ({reason}); "
+                          "checkpoint saved, resume with checkpoint.resume=auto")
+        self.stop.acted_on()
 
     def log_train(self, result: dict, window: dict) -> None:
         if self.env.device.type == "cuda":
@@ -206,7 +264,7 @@ class Trainer:
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": result["batch_size"], **self.guard.counters()}
+                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.state.step, record)
