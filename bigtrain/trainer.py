@@ -121,26 +121,17 @@ class Trainer:
         return batch_size_at(samples, self.cfg.batch)
 
     def train_step(self, batch: Batch) -> dict:
-        cfg, backend = self.cfg, self.backend
-        local_tokens = batch.tokens[:, 1:].numel()
-        micro = list(batch.micro_batches(cfg.batch.micro_size))
-        loss = torch.zeros((), device=self.env.device)
-        for i, (inputs, targets) in enumerate(micro):
-            loss += backend.forward_backward(inputs, targets, scale=1.0 / local_tokens,
-                                             last=i == len(micro) - 1)
-        self.faults.corrupt_grads(self.state.step + 1, backend)
-        local_nonfinite = not math.isfinite(float(loss))
-        loss = float(backend.mean_over_ranks(loss))   # token-weighted mean over the global batch
-        grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
-        local_nonfinite |= not math.isfinite(float(grad_norm))  # this rank's grads: any NaN/inf shows here
-        verdict = self.guard.judge(loss, float(grad_norm), local_nonfinite)  # the same on every rank
+        cfg, backend, step = self.cfg, self.backend, self.state.step + 1
+        stats = backend.measure(batch, cfg.batch.micro_size,
+                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
         lr = lr_at(self.state.step, batch.size, cfg)
         clip = 1.0
         if verdict.apply:
-            clip = backend.clip(grad_norm, cfg.optim.grad_clip)
-            backend.step(lr)
-        backend.zero_grad()
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "batch_size": batch.size,
+            clip = backend.update(lr, cfg.optim.grad_clip)
+        else:
+            backend.discard()
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
                 "clipped": clip < 1.0, "verdict": verdict.kind}
 
     # ------------------------------------------------------------------ the loop

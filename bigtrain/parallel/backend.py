@@ -1,18 +1,26 @@
 """The one interface the trainer uses, whatever runs underneath.
 
-A backend owns the wrapped model and the optimizer. The trainer asks it to run a
-micro-batch forward and backward, to reduce a number over ranks, to measure the
-global gradient norm, and to apply or skip an update; it never branches on
-``parallel.backend``. :class:`LocalBackend` (``backend: none``) is the reference
-the distributed backends are tested against; with several processes it
-all-reduces gradients itself (plain data parallel), which keeps the
-single-process path and the 2-rank CPU path one code path.
+A backend owns the wrapped model and the optimizer, and the training-step recipe
+(as OLMo-core's TrainModule does): :meth:`Backend.measure` runs every micro-batch
+forward and backward and returns the global loss and gradient norm;
+:meth:`Backend.update` clips and applies the update; :meth:`Backend.discard` drops
+the gradients of a step that must not be applied. The trainer, preflight, anomaly
+tracing and the benchmarks all take their steps through these three, so there is
+one recipe; nothing outside this package branches on ``parallel.backend``: what a
+backend can do is declared in its capability attributes, readable before it is
+built through :func:`backend_class`.
+
+:class:`LocalBackend` (``backend: none``) is the reference the distributed backends
+are tested against; with several processes it all-reduces gradients itself (plain
+data parallel), which keeps the single-process path and the 2-rank CPU path one
+code path.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,16 +44,61 @@ def prepare_blocks(model: GPT, cfg: Config) -> None:
             block.compile()
 
 
+@dataclass
+class StepStats:
+    """What :meth:`Backend.measure` found, before anything is applied."""
+    loss: float            # token-weighted mean CE over the whole global batch, same on every rank
+    grad_norm: float       # pre-clip global L2 norm over every shard and rank, same on every rank
+    local_nonfinite: bool  # this rank saw a NaN/inf in its loss or gradients (the guard OR-reduces it)
+
+
 class Backend:
-    """Base class: the parts every backend shares (autocast, loss, clipping maths)."""
+    """Base class: the step recipe and the parts every backend shares (autocast, loss, clipping maths)."""
 
     name = "base"
+    # Capabilities, declared so that callers ask instead of comparing names.
+    reshards_checkpoints = True   # its checkpoints load at any world size (DCP)
+    has_local_grads = True        # per-parameter ``.grad`` is readable (faults.nan_at, detail metrics)
+    async_checkpoint = True       # supports :meth:`async_save_sharded`
+    checkpoint_format = "dcp"     # "dcp" | "deepspeed"
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.raw_model = model  # the unwrapped GPT (its parameters may be sharded)
         self.model: nn.Module = model
         self.optimizer: torch.optim.Optimizer | None = None
+        self._norm: torch.Tensor | None = None  # the measured step's global norm, for update()
+
+    # -- the step recipe ------------------------------------------------------------------
+    def measure(self, batch, micro_size: int, after_backward=None) -> StepStats:
+        """All micro-batches of ``batch`` (this rank's rows) forward and backward, each loss
+        scaled to its share of the rank's token mean; ``after_backward(self)`` runs after the
+        last backward (and after any gradient reduction). Nothing is applied yet."""
+        scale = 1.0 / batch.tokens[:, 1:].numel()
+        micro = list(batch.micro_batches(micro_size))
+        loss = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(micro):
+            loss += self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
+        if after_backward is not None:
+            after_backward(self)
+        local_nonfinite = not math.isfinite(float(loss))
+        # Ranks hold equal token counts, so the mean of the rank means is the global token mean.
+        mean_loss = float(self.mean_over_ranks(loss))
+        self._norm = self.grad_norm()
+        norm = float(self._norm)
+        return StepStats(mean_loss, norm, local_nonfinite or not math.isfinite(norm))
+
+    def update(self, lr: float, max_norm: float) -> float:
+        """Clip the measured gradients to ``max_norm`` (0: off), step the optimizer at ``lr`` and
+        zero the gradients. Returns the clip factor (1.0: not clipped)."""
+        factor = self._clip(self._norm, max_norm)
+        self._step(lr)
+        self._zero_grad()
+        return factor
+
+    def discard(self) -> None:
+        """Drop this step's gradients; parameters, moments and step counts stay as they were."""
+        self._zero_grad()
 
     # -- forward / backward ---------------------------------------------------------
     def autocast(self):
@@ -63,10 +116,12 @@ class Backend:
         """Run one micro-batch; ``scale`` turns its loss sum into its share of the
         rank's token-weighted mean. Returns the detached cross-entropy share."""
         ce_sum, z_sum = self.loss_terms(inputs, targets)
-        self.backward((ce_sum + z_sum) * scale)
+        self.backward((ce_sum + z_sum) * scale, last)
         return ce_sum.detach() * scale
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss; ``last``: the step's final micro-batch, after
+        which gradients are complete (reduced over ranks where the backend does that)."""
         loss.backward()
 
     @torch.no_grad()
@@ -92,7 +147,7 @@ class Backend:
         norms = torch._foreach_norm(grads, 2.0)
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
-    def clip(self, norm: torch.Tensor, max_norm: float) -> float:
+    def _clip(self, norm: torch.Tensor, max_norm: float) -> float:
         """Scale gradients so their global norm is at most ``max_norm``; returns the factor."""
         if max_norm <= 0 or not math.isfinite(float(norm)):
             return 1.0
@@ -101,11 +156,11 @@ class Backend:
             torch._foreach_mul_(self.grads(), factor)
         return factor
 
-    def step(self, lr: float) -> None:
+    def _step(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
 
-    def zero_grad(self) -> None:
+    def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def train(self, mode: bool = True) -> None:
@@ -152,20 +207,27 @@ class LocalBackend(Backend):
         prepare_blocks(model, cfg)
         self.optimizer = build_optimizer(self.raw_model, cfg)
 
-    def forward_backward(self, inputs, targets, scale, last):
-        out = super().forward_backward(inputs, targets, scale, last)
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
         if last and self.env.distributed:
             for g in self.grads():
                 self.env.all_reduce(g)
                 g.div_(self.env.world)
-        return out
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of ``parallel.backend: name``, imported but not built: its capability
+    attributes can be read before any process group or model exists."""
+    if name == "none":
+        return LocalBackend
+    if name == "fsdp":
+        from bigtrain.parallel.fsdp import FSDPBackend
+        return FSDPBackend
+    if name == "deepspeed":
+        from bigtrain.parallel.deepspeed import DeepSpeedBackend
+        return DeepSpeedBackend
+    raise ValueError(f"unknown backend {name!r}")
 
 
 def build_backend(model: GPT, cfg: Config, env: DistEnv) -> Backend:
-    if cfg.parallel.backend == "none":
-        return LocalBackend(model, cfg, env)
-    if cfg.parallel.backend == "fsdp":
-        from bigtrain.parallel.fsdp import FSDPBackend
-        return FSDPBackend(model, cfg, env)
-    from bigtrain.parallel.deepspeed import DeepSpeedBackend
-    return DeepSpeedBackend(model, cfg, env)
+    return backend_class(cfg.parallel.backend)(model, cfg, env)
