@@ -36,11 +36,11 @@ import torch
 from bigtrain.config import Config
 from bigtrain.data.loader import Batch
 from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.data.splits import open_splits
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import batch_scale, param_groups
 from bigtrain.parallel.backend import LocalBackend
 from bigtrain.parallel.env import DistEnv, pick_device, seed_everything
-from bigtrain.trainer import open_splits
 
 INIT_LOSS_TOLERANCE = 0.1   # |initial loss - ln V| may be at most this fraction of ln V
 DIVERGED = 4.0              # a loss above this x its minimum (LR sweep) or its start (overfit) has diverged

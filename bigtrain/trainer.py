@@ -17,10 +17,10 @@ import torch
 
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import Config, ConfigError, save_config
-from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import SampleOrder, batch_size_at
-from bigtrain.faults import Faults, check_faults
+from bigtrain.data.splits import check_world, open_splits
+from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
@@ -40,36 +40,6 @@ class TrainState:
     position: int = 0
     samples: int = 0
     tokens: int = 0
-
-
-def check_world(cfg: Config, world: int) -> None:
-    """Every batch size the run will use must split evenly over ranks and micro-batches."""
-    sizes = {cfg.batch.global_size}
-    if cfg.batch.rampup is not None:
-        sizes |= {cfg.batch.rampup.start, cfg.batch.rampup.increment}
-    for size in sorted(sizes):
-        if size % (cfg.batch.micro_size * world):
-            raise ConfigError(f"config error: batch size {size} is not a multiple of "
-                              f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
-    check_faults(cfg, world)
-
-
-def open_splits(cfg: Config, verify: bool = True):
-    """(prepared data, train split, val split or None) for the configured data;
-    ``verify`` re-hashes the shards (``bigtrain inspect`` skips that)."""
-    data = open_data(cfg.data.path, verify)
-    train, val = data.split("train"), None
-    if cfg.data.val_path:
-        other = open_data(cfg.data.val_path, verify)
-        val = other.split("val" if other.has_split("val") else "train")
-    elif data.has_split("val") and data.split("val").num_samples(cfg.model.seq_len) > 0:
-        val = data.split("val")
-    elif cfg.data.val_fraction > 0:
-        train, val = train.tail(cfg.data.val_fraction)
-    if train.num_samples(cfg.model.seq_len) == 0:
-        raise ConfigError(f"data.path {cfg.data.path!r}: fewer than seq_len+1={cfg.model.seq_len + 1} "
-                          "training tokens")
-    return data, train, val
 
 
 class Trainer:

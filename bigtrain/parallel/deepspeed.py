@@ -46,7 +46,7 @@ import torch
 from bigtrain.config import Config, ConfigError
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import param_groups, set_lr
-from bigtrain.parallel.backend import Backend, prepare_blocks
+from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
 
 # DeepSpeed calls collectives that torch deprecates; the warning would repeat every step.
