@@ -105,7 +105,7 @@ class Replay:
 
 def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
     """Everything ``bigtrain inspect`` prints, as a dict."""
-    from bigtrain.trainer import open_splits
+    from bigtrain.data.splits import open_splits
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

@@ -21,10 +21,10 @@ import torch
 
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import Config, ConfigError, save_config
-from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import batch_size_at, run_order
-from bigtrain.faults import Faults, check_faults
+from bigtrain.data.splits import check_world, open_splits
+from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
@@ -58,36 +58,6 @@ class TrainState:
             raise ConfigError(f"the train state lacks {missing}: written by an older bigtrain")
         for f in fields(self):
             setattr(self, f.name, int(state[f.name]))  # in place: fit() holds this object
-
-
-def check_world(cfg: Config, world: int) -> None:
-    """Every batch size the run will use must split evenly over ranks and micro-batches."""
-    sizes = {cfg.batch.global_size}
-    if cfg.batch.rampup is not None:
-        sizes |= {cfg.batch.rampup.start, cfg.batch.rampup.increment}
-    for size in sorted(sizes):
-        if size % (cfg.batch.micro_size * world):
-            raise ConfigError(f"config error: batch size {size} is not a multiple of "
-                              f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
-    check_faults(cfg, world)
-
-
-def open_splits(cfg: Config, verify: bool = True):
-    """(prepared data, train split, val split or None) for the configured data;
-    ``verify`` re-hashes the shards (``bigtrain inspect`` skips that)."""
-    data = open_data(cfg.data.path, verify)
-    train, val = data.split("train"), None
-    if cfg.data.val_path:
-        other = open_data(cfg.data.val_path, verify)
-        val = other.split("val" if other.has_split("val") else "train")
-    elif data.has_split("val") and data.split("val").num_samples(cfg.model.seq_len) > 0:
-        val = data.split("val")
-    elif cfg.data.val_fraction > 0:
-        train, val = train.tail(cfg.data.val_fraction)
-    if train.num_samples(cfg.model.seq_len) == 0:
-        raise ConfigError(f"data.path {cfg.data.path!r}: fewer than seq_len+1={cfg.model.seq_len + 1} "
-                          "training tokens")
-    return data, train, val
 
 
 class Trainer:
@@ -150,26 +120,17 @@ class Trainer:
         return batch_size_at(samples, self.cfg.batch)
 
     def train_step(self, batch: Batch) -> dict:
-        cfg, backend = self.cfg, self.backend
-        local_tokens = batch.tokens[:, 1:].numel()
-        micro = list(batch.micro_batches(cfg.batch.micro_size))
-        loss = torch.zeros((), device=self.env.device)
-        for i, (inputs, targets) in enumerate(micro):
-            loss += backend.forward_backward(inputs, targets, scale=1.0 / local_tokens,
-                                             last=i == len(micro) - 1)
-        self.faults.corrupt_grads(self.state.step + 1, backend)
-        local_nonfinite = not math.isfinite(float(loss))
-        loss = float(backend.mean_over_ranks(loss))   # token-weighted mean over the global batch
-        grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
-        local_nonfinite |= not math.isfinite(float(grad_norm))  # this rank's grads: any NaN/inf shows here
-        verdict = self.guard.judge(loss, float(grad_norm), local_nonfinite)  # the same on every rank
+        cfg, backend, step = self.cfg, self.backend, self.state.step + 1
+        stats = backend.measure(batch, cfg.batch.micro_size,
+                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
         lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
         clip = 1.0
         if verdict.apply:
-            clip = backend.clip(grad_norm, cfg.optim.grad_clip)
-            backend.step(lr)
-        backend.zero_grad()
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "batch_size": batch.size,
+            clip = backend.update(lr, cfg.optim.grad_clip)
+        else:
+            backend.discard()
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
                 "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
 
     # ------------------------------------------------------------------ the loop
