@@ -176,7 +176,7 @@ class StabilityConfig(Section):
     warmup: int = Field(64, ge=1, description="steps of warm-in before spikes are judged")
     threshold: float = Field(6.0, gt=0, description="robust standard deviations above the window's median")
     max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run aborts")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks in one chain before the run aborts; a chain ends once the replay has made `window` normal steps from where its first episode began")
     rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")
     trace_anomalies: bool = Field(False, description="on a non-finite step, re-run it to name the first module that produced NaN/inf")
 

@@ -33,7 +33,7 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.signals import StopRequest
-from bigtrain.stability.guard import ABORT, GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
+from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
 
 
@@ -48,6 +48,13 @@ class TrainState:
     position: int = 0
     samples: int = 0
     tokens: int = 0
+
+    def advance(self, batch: Batch, applied: bool, seq_len: int) -> None:
+        self.step += 1
+        self.updates += applied
+        self.position = batch.next_position
+        self.samples += batch.size
+        self.tokens += batch.size * seq_len
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -149,11 +156,7 @@ class Trainer:
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
-            state.step += 1
-            state.updates += result["applied"]
-            state.position = batch.next_position
-            state.samples += batch.size
-            state.tokens += batch.size * cfg.model.seq_len
+            state.advance(batch, result["applied"], cfg.model.seq_len)
             window["tokens"] += batch.size * cfg.model.seq_len
             window["clipped"] += result["clipped"]
             window["steps"] += 1
@@ -194,7 +197,6 @@ class Trainer:
             if not self.cfg.checkpoint.every:
                 reason += " (set checkpoint.every to keep rollback targets)"
         else:
-            assert decision.action == ABORT
             reason = decision.reason
         error = self.guard.abort(step, decision, reason)
         self.aborted.write(step, reason)
