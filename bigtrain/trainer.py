@@ -60,9 +60,6 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [f.name for f in fields(self) if f.name not in state]
-        if missing:
-            raise ConfigError(f"the train state lacks {missing}: written by an older bigtrain")
         for f in fields(self):
             setattr(self, f.name, int(state[f.name]))  # in place: fit() holds this object
 
@@ -186,12 +183,8 @@ class Trainer:
     def act_on(self, step: int, decision: Decision) -> None:
         """Roll back, or abort for good: mark ``RUN_DIR/ABORTED``, raise :class:`StabilityAbort`."""
         if decision.action == ROLLBACK:
-            done = roll_back(decision, self.checkpointer, self.parts(), self.skip_policy,
-                             self.cfg.stability.rollback_margin, self.ledger)
-            if done is not None:
-                self.metrics.text(f"stability: step {step}: {len(decision.episode)} anomalous steps in a row; "
-                                  f"rolled back to step {done['to_step']} and skipped stream positions "
-                                  + ", ".join(f"[{a}, {b})" for a, b in done["skips"]))
+            if roll_back(decision, self.checkpointer, self.parts(), self.skip_policy,
+                         self.cfg.stability.rollback_margin, self.ledger, self.metrics.text):
                 return
             reason = f"no committed checkpoint before step {decision.first_step} to roll back to"
             if not self.cfg.checkpoint.every:

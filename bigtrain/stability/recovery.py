@@ -18,7 +18,9 @@ is what makes a crash harmless at any point:
    step: the checkpointer replaces a committed step atomically, so a crash leaves
    the old target (pre-rollback) or the new one (post-rollback), never a state
    that forgets the skips while its timeline continues;
-4. record ``rollback`` in the ledger.
+4. record ``rollback`` in the ledger, once the decision is durable (a crash in the
+   instant between the commit and this line leaves the ledger, not the run, one
+   rollback short).
 
 **Skip policy.** ``skip_policy(episode, window) -> [(start, end), ...]``: the
 stream ranges to put in the skip ledger. ``window`` is ``(position of the
@@ -61,9 +63,9 @@ def rollback_target(checkpointer, first_step: int | None) -> int | None:
 
 
 def roll_back(decision: Decision, checkpointer, parts: dict, skip_policy: SkipPolicy, margin: int,
-              ledger: Ledger) -> dict | None:
-    """Carry out a rollback decision (see the module docstring). Returns its record, or None
-    when no committed checkpoint predates the episode. Every rank calls it."""
+              ledger: Ledger, log) -> dict | None:
+    """Carry out a rollback decision (see the module docstring); ``log(line)`` says what was done.
+    Returns its record, or None when no committed checkpoint predates the episode. Every rank calls it."""
     guard, order, state = parts["guard"], parts["order"], parts["train"]
     to_step = rollback_target(checkpointer, decision.first_step)
     if to_step is None:
@@ -85,6 +87,8 @@ def roll_back(decision: Decision, checkpointer, parts: dict, skip_policy: SkipPo
     window = {"skip_start": skips[0][0], "skip_end": skips[-1][1]} if len(skips) == 1 else {}
     ledger.record("rollback", entry["step"], to_step=to_step, skips=entry["skips"], **window,
                   rollbacks=len(guard.rollbacks), chain=guard.chain["rollbacks"], checkpoint=str(path))
+    log(f"stability: step {entry['step']}: {len(decision.episode)} anomalous steps in a row; rolled back to "
+        f"step {to_step} and skipped stream positions " + ", ".join(f"[{a}, {b})" for a, b in skips))
     return entry
 
 
