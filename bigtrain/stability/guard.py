@@ -39,7 +39,6 @@ non-finite update is still never applied.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bigtrain.config import StabilityConfig
 from bigtrain.ledger import Ledger
@@ -157,7 +156,7 @@ class Guard:
         self.ledger.record("abort", step, reason=reason, steps=steps, ranges=[[e["start"], e["end"]] for e in episode])
         return StabilityAbort(
             f"stability: aborted at step {step}: {reason}; anomalous steps {steps} read stream positions "
-            f"{ranges} (see `bigtrain inspect {Path(self.ledger.path).parent} --step N`); windows skipped by "
+            f"{ranges} (see `bigtrain inspect {self.ledger.path.parent} --step N`); windows skipped by "
             f"earlier rollbacks: {skipped}; checkpoints are intact")
 
     # ------------------------------------------------------------------ bookkeeping
