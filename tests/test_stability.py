@@ -23,8 +23,9 @@ from helpers import (REPO, bigtrain, fit, free_port, rank_env, read_jsonl, tiny_
                      train_losses)
 
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-# Spikes are judged after 20 normal steps against the last 32; injected ones come at step 40 or later.
-GUARD = dict(stability__window=32, stability__warmup=20)
+# Spikes are judged after 30 normal steps (past the fastest early descent) against the last 32;
+# injected ones come at step 40 or later.
+GUARD = dict(stability__window=32, stability__warmup=30)
 
 
 
