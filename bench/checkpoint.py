@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.checkpoint_format import problem
+from bigtrain.checkpoint.format import problem
 from bigtrain.config import load_config
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
@@ -56,7 +56,7 @@ def async_save(trainer: Trainer) -> dict:
     ckpt = trainer.checkpointer
     step(trainer)
     before, t0 = ckpt.blocked_s, time.perf_counter()
-    ckpt.save(trainer)
+    ckpt.save(trainer.state.step, trainer.parts())
     in_save = time.perf_counter() - t0
     steps = [step(trainer)]
     while ckpt.pending.is_alive():
@@ -82,7 +82,7 @@ def main() -> None:
         step_s = min(step(trainer) for _ in range(3))
 
         t0 = time.perf_counter()
-        path = trainer.checkpointer.save(trainer)
+        path = trainer.checkpointer.save(trainer.state.step, trainer.parts())
         sync_s = time.perf_counter() - t0
         mb = size_mb(path)
 
@@ -98,7 +98,7 @@ def main() -> None:
     fresh = Trainer(load_config(overrides=MODEL + [f"data.path={data}", f"run_dir={tmp / 'load'}"]), cpu)
     try:
         t0 = time.perf_counter()
-        fresh.checkpointer.load(fresh, newest)  # includes the CRC pass over every byte
+        fresh.checkpointer.load(newest, fresh.parts())  # includes the CRC pass over every byte
         load_s = time.perf_counter() - t0
     finally:
         fresh.close()

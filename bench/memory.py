@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from ranks import build, run_ranks, train_step, write_record
+from ranks import build, random_batch, run_ranks, train_step, write_record
 
 RUNS = [("none", []), ("fsdp", ["parallel.backend=fsdp"]),
         ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"])]
@@ -44,8 +44,7 @@ def live_tensor_bytes() -> int:
 
 def worker(out: str, model: list[str]) -> None:
     cfg, env, backend = build(model)
-    rows = torch.randint(cfg.model.vocab_size, (cfg.batch.micro_size, cfg.model.seq_len + 1))
-    train_step(backend, rows, cfg.batch.micro_size)
+    train_step(backend, random_batch(cfg, env), cfg)
     write_record(out, env, {"bytes": live_tensor_bytes()})
 
 

@@ -15,9 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bigtrain.config import Config, load_config
+from bigtrain.data.loader import Batch
 from bigtrain.model.gpt import GPT
 from bigtrain.parallel.backend import Backend, build_backend
 from bigtrain.parallel.env import DistEnv, init_distributed
@@ -49,13 +51,16 @@ def build(overrides: list[str]) -> tuple[Config, DistEnv, Backend]:
     return cfg, env, build_backend(GPT(cfg.model), cfg, env)
 
 
-def train_step(backend: Backend, tokens: torch.Tensor, micro: int) -> None:
-    """One optimizer step over this rank's rows, in micro-batches, as the trainer takes it."""
-    chunks = tokens.split(micro)
-    for i, rows in enumerate(chunks):
-        backend.forward_backward(rows[:, :-1], rows[:, 1:], scale=1.0 / tokens[:, 1:].numel(),
-                                 last=i == len(chunks) - 1)
-    norm = backend.grad_norm()
-    backend.clip(norm, 1.0)
-    backend.step(1e-4)
-    backend.zero_grad()
+def random_batch(cfg: Config, env: DistEnv) -> Batch:
+    """A global batch of random tokens (the same on every rank: one seed); this rank's rows."""
+    size = cfg.batch.global_size
+    rows = torch.randint(cfg.model.vocab_size, (size, cfg.model.seq_len + 1),
+                         generator=torch.Generator().manual_seed(cfg.seed))
+    positions = np.arange(size)
+    return Batch(0, size, positions, positions, rows[env.rank::env.world].to(env.device))
+
+
+def train_step(backend: Backend, batch: Batch, cfg: Config) -> None:
+    """One optimizer step over this rank's rows, the trainer's recipe."""
+    backend.measure(batch, cfg.batch.micro_size)
+    backend.update(cfg.optim.lr, cfg.optim.grad_clip)

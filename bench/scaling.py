@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ranks import build, run_ranks, train_step, write_record
+from ranks import build, random_batch, run_ranks, train_step, write_record
 
 MODEL = ["model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.seq_len=256", "model.vocab_size=257",
          "batch.global_size=16", "batch.micro_size=8", "parallel.precision=bf16"]
@@ -30,15 +30,14 @@ RUNS = [("none", ["parallel.backend=none"]), ("fsdp", ["parallel.backend=fsdp"])
 
 def worker(out: str, steps: int, extra: list[str]) -> None:
     cfg, env, backend = build(MODEL + extra)
-    rows = torch.randint(cfg.model.vocab_size, (cfg.batch.global_size, cfg.model.seq_len + 1))
-    mine = rows[env.rank::env.world]
+    batch = random_batch(cfg, env)
     for _ in range(2):  # warm-up: allocator, kernels, Adam state
-        train_step(backend, mine, cfg.batch.micro_size)
+        train_step(backend, batch, cfg)
     seconds = []
     for _ in range(steps):
         env.barrier()
         t0 = time.perf_counter()
-        train_step(backend, mine, cfg.batch.micro_size)
+        train_step(backend, batch, cfg)
         env.barrier()
         seconds.append(time.perf_counter() - t0)
     write_record(out, env, {"tokens_per_s": cfg.batch.global_size * cfg.model.seq_len / min(seconds)})

@@ -68,7 +68,7 @@ class AnomalyTracer:
         try:
             local = self._rerun(batch)
         finally:
-            self.backend.zero_grad()
+            self.backend.discard()
             set_rng_state(saved)
         found = self._gather(local)
         if found.get("module"):
@@ -117,7 +117,8 @@ class AnomalyTracer:
                 nodes = _graph(loss.grad_fn) if "module" not in current and loss.grad_fn else []
                 node_handles = [node.register_hook(node_hook(node)) for node in nodes]
                 try:
-                    self.backend.backward(loss)  # every rank runs every backward: FSDP's collectives match
+                    # every rank runs every backward: FSDP's collectives match
+                    self.backend.backward(loss, last=i == len(micro) - 1)
                 finally:
                     for h in node_handles:
                         h.remove()

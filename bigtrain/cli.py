@@ -28,7 +28,8 @@ def cmd_train(args) -> int:
     from bigtrain.config import load_config
     from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
-    from bigtrain.trainer import Trainer, check_world, open_splits
+    from bigtrain.data.splits import check_world, open_splits
+    from bigtrain.trainer import Trainer
 
     cfg = load_config(args.config, overrides=args.overrides)
     if not os.path.isdir(cfg.data.path):

@@ -165,6 +165,9 @@ class CheckpointConfig(Section):
                                             "a path from another run counts until this run has its own")
     async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training goes on")
     fallback: bool = Field(False, description="if the newest checkpoint is unreadable, try older ones")
+    accept_data_change: bool = Field(False, description="resume although the data order changed (seed, corpus, "
+                                                         "sample count): the saved position then points into "
+                                                         "another stream")
 
 
 class StabilityConfig(Section):
@@ -173,7 +176,7 @@ class StabilityConfig(Section):
     warmup: int = Field(64, ge=1, description="steps of warm-in before spikes are judged")
     threshold: float = Field(6.0, gt=0, description="robust standard deviations above the window's median")
     max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run aborts")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks in one chain before the run aborts; a chain ends once the replay has made `window` normal steps from where its first episode began")
     rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")
     trace_anomalies: bool = Field(False, description="on a non-finite step, re-run it to name the first module that produced NaN/inf")
 

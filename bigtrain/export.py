@@ -131,7 +131,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, tokeni
     from safetensors.torch import save_file
 
     from bigtrain.checkpoint import find, load_model
-    from bigtrain.checkpoint_format import read_meta
+    from bigtrain.checkpoint.format import read_meta
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

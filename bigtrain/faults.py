@@ -14,7 +14,9 @@ Step numbers are 1-based, as in ``metrics.jsonl``: "step N" is the N-th update.
   all-reduce), a NaN is written into a gradient on rank ``faults.rank`` only. Only
   that rank can see it, so this tests that every rank still skips the update.
 * ``faults.crash_at: [N, ...]``: rank ``faults.rank`` kills itself with SIGKILL at
-  the boundary after step N (before that step's checkpoint), as a node failure would.
+  the boundary after step N, once the guard's decision is carried out and before
+  that step's checkpoint, as a node failure would. When step N triggered a rollback,
+  that is right after the rollback.
 * ``faults.crash_in_checkpoint_at: N``: rank ``faults.rank`` kills itself with
   SIGKILL while writing step N's checkpoint: after its shards are on disk, before
   the commit.

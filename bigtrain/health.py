@@ -83,7 +83,7 @@ class Health:
         self.handles = [block.register_forward_hook(self._activation_hook(f"blocks.{i}"))
                         for i, block in enumerate(model.blocks)]
         self.handles.append(model.lm_head.register_forward_hook(self._activation_hook("logits")))
-        if isinstance(self.backend.optimizer, torch.optim.Optimizer):
+        if self.backend.has_local_grads:  # else (DeepSpeed) the step has no per-parameter gradient metrics
             self.handles.append(self.backend.optimizer.register_step_pre_hook(self._grad_hook))
         self.active = True
 

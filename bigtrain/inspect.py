@@ -93,6 +93,7 @@ class Replay:
         self.advance(step)
         if kind == "rollback":
             self._restore(int(event["to_step"]), (int(event["skip_start"]), int(event["skip_end"])))
+            self.points[self.now.step] = self._snapshot()  # the rollback re-saves its target with the skip
         elif kind == "resume":
             self._restore(step)
         elif step == self.target and self.attempts and not self.attempts[-1].superseded:
@@ -104,7 +105,7 @@ class Replay:
 
 def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
     """Everything ``bigtrain inspect`` prints, as a dict."""
-    from bigtrain.trainer import open_splits
+    from bigtrain.data.splits import open_splits
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

@@ -115,7 +115,7 @@ class Plan:
 
 def build(config: str, overrides: list[str], topo: Topology, launcher: str | None = None) -> Plan:
     """What to run for ``config`` on ``topo``; raises ConfigError on bad input."""
-    from bigtrain.trainer import check_world
+    from bigtrain.data.splits import check_world
 
     cfg = load_config(config, overrides=overrides)
     launcher = launcher or DEFAULT_LAUNCHER[cfg.parallel.backend]

@@ -41,7 +41,28 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.decay_embeddings)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    init_state(optimizer)
+    return optimizer
+
+
+def init_state(optimizer: torch.optim.AdamW) -> None:
+    """Create AdamW's state now, exactly as its first ``step()`` would (step 0, zero moments,
+    the step count as a CPU fp32 scalar as torch keeps it for foreach without capturable).
+
+    Why: a checkpoint taken before the first applied update (say every update so far was
+    skipped) asks DCP's ``get_state_dict`` for the optimizer state; when there is none, DCP
+    creates it by running ``step()`` on zero gradients, which counts a step and shifts Adam's
+    bias correction, so a run that saves would train differently from one that does not.
+    With the state already there, saving has nothing to create, and the first real ``step()``
+    finds the state it would have made itself (tests/test_step.py compares the two bitwise)."""
+    for group in optimizer.param_groups:
+        if group["amsgrad"] or group["fused"] or group["capturable"]:
+            raise ValueError("init_state mirrors AdamW without amsgrad, fused or capturable")
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 def batch_scale(batch_size: int, cfg: Config) -> float:

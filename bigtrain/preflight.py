@@ -30,15 +30,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from bigtrain.config import Config
+from bigtrain.data.loader import Batch
 from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.data.splits import open_splits
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import batch_scale, param_groups
 from bigtrain.parallel.backend import LocalBackend
 from bigtrain.parallel.env import DistEnv, pick_device, seed_everything
-from bigtrain.trainer import open_splits
 
 INIT_LOSS_TOLERANCE = 0.1   # |initial loss - ln V| may be at most this fraction of ln V
 DIVERGED = 4.0              # a loss above this x its minimum (LR sweep) or its start (overfit) has diverged
@@ -115,7 +117,7 @@ class Preflight:
         self.global_size = batch_size_at(0, self.cfg.batch)
         positions, _ = self.order.next_batch(0, self.global_size)
         self.positions, self.samples = positions, self.order.sample_at(positions)
-        self.rows = torch.from_numpy(self.split.batch(self.samples[:self.cfg.batch.micro_size], seq))
+        self.first = self.batch_at(self.positions[:self.cfg.batch.micro_size])  # what overfit memorises
         self.lr = self.cfg.optim.lr * batch_scale(self.global_size, self.cfg)
 
     def fresh(self) -> LocalBackend:
@@ -123,20 +125,21 @@ class Preflight:
         seed_everything(self.cfg.seed)
         return LocalBackend(self.model_fn(), self.cfg, self.env)
 
-    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = rows.to(self.env.device)
-        return rows[:, :-1], rows[:, 1:]
+    def batch_at(self, positions: np.ndarray) -> Batch:
+        """The rows at stream ``positions`` of the run's order, on the device, as one step reads them."""
+        samples = self.order.sample_at(positions)
+        rows = torch.from_numpy(self.split.batch(samples, self.cfg.model.seq_len)).to(self.env.device)
+        return Batch(int(positions[0]), int(positions[-1]) + 1, positions, samples, rows)
 
-    def train_step(self, backend: LocalBackend, rows: torch.Tensor, lr: float) -> tuple[float, float]:
-        """One update of the real recipe on ``rows``; returns (loss, pre-clip grad norm)."""
-        inputs, targets = self.batch(rows)
-        loss = float(backend.forward_backward(inputs, targets, scale=1.0 / targets.numel(), last=True))
-        norm = float(backend.grad_norm())
-        if math.isfinite(loss) and math.isfinite(norm):
-            backend.clip(torch.tensor(norm), self.cfg.optim.grad_clip)
-            backend.step(lr)
-        backend.zero_grad()
-        return loss, norm
+    def train_step(self, backend: LocalBackend, batch: Batch, lr: float) -> tuple[float, float]:
+        """One update of the trainer's recipe on ``batch`` (a non-finite step is not applied, as
+        the guard would); returns (loss, pre-clip grad norm)."""
+        stats = backend.measure(batch, self.cfg.batch.micro_size)
+        if stats.local_nonfinite:
+            backend.discard()
+        else:
+            backend.update(lr, self.cfg.optim.grad_clip)
+        return stats.loss, stats.grad_norm
 
     # ------------------------------------------------------------------ the checks
     def check_data(self, count: int) -> tuple[Check, list[dict]]:
@@ -156,7 +159,7 @@ class Preflight:
 
     def check_vocab(self) -> Check:
         model_v, data_v = self.cfg.model.vocab_size, self.data.vocab_size
-        top = int(self.rows.max())
+        top = int(self.first.tokens.max())
         details = {"model": model_v, "tokenizer": data_v, "max_id": top}
         if model_v != data_v:
             return Check("vocab", "fail", f"model.vocab_size={model_v} but the data's tokenizer has {data_v} "
@@ -200,7 +203,7 @@ class Preflight:
 
     def check_gradients_and_init_loss(self, backend: LocalBackend) -> list[Check]:
         vocab = self.cfg.model.vocab_size
-        inputs, targets = self.batch(self.rows)
+        inputs, targets = next(self.first.micro_batches(self.cfg.batch.micro_size))
         ce, _ = backend.loss_terms(inputs, targets)
         loss = float(ce.detach()) / targets.numel()
         ln_v = math.log(vocab)
@@ -219,10 +222,10 @@ class Preflight:
             return [Check("gradients", "fail", "the loss does not depend on any trainable parameter "
                                                "(is the head detached?)", {"no_grad": list(trainable), "reached": 0}),
                     init]
-        backend.backward(ce / targets.numel())
+        backend.backward(ce / targets.numel(), last=True)
         dead = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
         bad = [n for n, p in trainable.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        backend.zero_grad()
+        backend.discard()
         details = {"no_grad": dead, "nonfinite": bad, "reached": len(trainable) - len(dead)}
         if bad:
             grads = Check("gradients", "fail", f"non-finite gradients in {_names(bad)}", details)
@@ -241,7 +244,7 @@ class Preflight:
         warmup = max(1, steps // 10)
         curve: list[float] = []
         for step in range(steps):
-            loss, _ = self.train_step(backend, self.rows, self.lr * min(1.0, (step + 1) / warmup))
+            loss, _ = self.train_step(backend, self.first, self.lr * min(1.0, (step + 1) / warmup))
             curve.append(loss)
             diverged = not math.isfinite(loss) or (step >= warmup and loss > DIVERGED * curve[0])
             if diverged or loss < target:
@@ -258,14 +261,12 @@ class Preflight:
 
     def check_lr_range(self, backend: LocalBackend, steps: int, lr_min: float, lr_max: float) -> Check:
         """Exponential sweep over successive micro-batches of the global order, one update per LR."""
-        micro, seq = self.cfg.batch.micro_size, self.cfg.model.seq_len
+        micro = self.cfg.batch.micro_size
         positions, _ = self.order.next_batch(0, steps * micro)
-        samples = self.order.sample_at(positions)
         lrs, smooth, avg, beta, diverged_at = [], [], 0.0, 0.9, None
         for i in range(steps):
             lr = lr_min * (lr_max / lr_min) ** (i / max(1, steps - 1))
-            rows = torch.from_numpy(self.split.batch(samples[i * micro:(i + 1) * micro], seq))
-            loss, _ = self.train_step(backend, rows, lr)
+            loss, _ = self.train_step(backend, self.batch_at(positions[i * micro:(i + 1) * micro]), lr)
             avg = beta * avg + (1 - beta) * loss
             if not math.isfinite(avg) or (smooth and avg / (1 - beta ** (i + 1)) > DIVERGED * min(smooth)):
                 diverged_at = lr

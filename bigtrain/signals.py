@@ -4,10 +4,10 @@ Schedulers announce the end of a job with a signal: SLURM sends SIGTERM at
 ``scancel``, at the time limit and at preemption, and the signal chosen with
 ``#SBATCH --signal`` a grace period before the limit (our sbatch scripts turn it
 into a ``STOP`` file, because torchrun's agent dies of SIGUSR1 instead of
-passing it on). People say it with ``touch RUN_DIR/STOP``. Either way the run
-saves a checkpoint at the next step boundary, records a ``preempt`` event and
-exits 0, so the requeued or restarted job (``checkpoint.resume: auto``) loses
-nothing but the step that was in flight.
+passing it on). People say it with ``touch RUN_DIR/STOP``. Either way the training loop saves
+a checkpoint at the next step boundary, records a ``preempt`` event and exits 0,
+so the requeued or restarted job (``checkpoint.resume: auto``) loses nothing but
+the step that was in flight.
 
 The signal handler only records the signal: saving from inside a handler could
 interrupt a collective halfway and deadlock the other ranks. At every step
@@ -59,14 +59,9 @@ class StopRequest:
         code = torch.tensor([float(REASONS.index(self.local_reason()))], device=self.env.device)
         return REASONS[int(self.env.all_reduce(code, "max").item())]
 
-    def preempt(self, trainer, reason: str) -> None:
-        """Save a checkpoint of the step just finished and record why the run stopped.
-        The ``STOP`` file is removed once acted on, so the next run does not stop at once."""
-        trainer.checkpointer.save(trainer)
-        trainer.checkpointer.wait()  # an async save must be committed before the process exits
-        trainer.ledger.record("preempt", trainer.state.step, reason=reason)
-        trainer.metrics.text(f"bigtrain: stopping at step {trainer.state.step} ({reason}); "
-                             "checkpoint saved, resume with checkpoint.resume=auto")
+    def acted_on(self) -> None:
+        """The loop has saved and recorded the stop: remove the ``STOP`` file, so that the
+        next run does not stop at once. Every rank removes it: it may be node-local."""
         self.stop_file.unlink(missing_ok=True)
 
     def close(self) -> None:

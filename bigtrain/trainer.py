@@ -1,10 +1,14 @@
-"""The training loop.
+"""The training loop, as a recipe.
 
-:meth:`Trainer.train_step` is the recipe: run every micro-batch forward and
-backward, reduce the loss over ranks, measure the global gradient norm, let the
-stability policy judge the step, then clip and update, or skip. Everything else
-(which samples a step reads, how the model is sharded, when to checkpoint, what
-to log) lives in its own module and is wired together in :meth:`Trainer.__init__`.
+:meth:`Trainer.train_step` is one step: the backend measures the batch's loss and
+gradient norm, the guard judges them, and the update is applied or discarded.
+:meth:`Trainer.fit` is the loop around it: read the next batch, step, carry out
+what the guard decided (go on, roll back, abort), checkpoint, evaluate, stop when
+asked. The policies live in their own modules and are wired together in
+:meth:`Trainer.__init__`: which samples a step reads (``data.order``), how the
+model is sharded (``parallel``), checkpoints (``checkpoint``), what is anomalous
+(``stability.detector``), what to do about it (``stability.guard``) and how
+(``stability.recovery``).
 """
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ import torch
 
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import Config, ConfigError, save_config
-from bigtrain.data.dataset import open_data
 from bigtrain.data.loader import Batch, BatchLoader
-from bigtrain.data.order import SampleOrder, batch_size_at
-from bigtrain.faults import Faults, check_faults
+from bigtrain.data.order import batch_size_at, run_order
+from bigtrain.data.splits import check_world, open_splits
+from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
@@ -29,47 +33,35 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.signals import StopRequest
-from bigtrain.stability.guard import Guard
+from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
+from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
 
 
 @dataclass
 class TrainState:
-    """Where the run is. ``position`` is in the global sample stream; ``samples`` counts
-    samples trained on (it drives ramp-up); both are saved in every checkpoint."""
+    """Where the run is; saved in every checkpoint. ``step`` counts steps taken, skipped ones
+    included (``schedule.max_steps`` counts these: batches consumed); ``updates`` counts the
+    updates applied, which the LR schedule follows (a skipped step does not advance it, as in
+    Megatron). ``position`` is in the global sample stream; ``samples`` drives ramp-up."""
     step: int = 0
+    updates: int = 0
     position: int = 0
     samples: int = 0
     tokens: int = 0
 
+    def advance(self, batch: Batch, applied: bool, seq_len: int) -> None:
+        self.step += 1
+        self.updates += applied
+        self.position = batch.next_position
+        self.samples += batch.size
+        self.tokens += batch.size * seq_len
 
-def check_world(cfg: Config, world: int) -> None:
-    """Every batch size the run will use must split evenly over ranks and micro-batches."""
-    sizes = {cfg.batch.global_size}
-    if cfg.batch.rampup is not None:
-        sizes |= {cfg.batch.rampup.start, cfg.batch.rampup.increment}
-    for size in sorted(sizes):
-        if size % (cfg.batch.micro_size * world):
-            raise ConfigError(f"config error: batch size {size} is not a multiple of "
-                              f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
-    check_faults(cfg, world)
+    def state_dict(self) -> dict:
+        return asdict(self)
 
-
-def open_splits(cfg: Config, verify: bool = True):
-    """(prepared data, train split, val split or None) for the configured data;
-    ``verify`` re-hashes the shards (``bigtrain inspect`` skips that)."""
-    data = open_data(cfg.data.path, verify)
-    train, val = data.split("train"), None
-    if cfg.data.val_path:
-        other = open_data(cfg.data.val_path, verify)
-        val = other.split("val" if other.has_split("val") else "train")
-    elif data.has_split("val") and data.split("val").num_samples(cfg.model.seq_len) > 0:
-        val = data.split("val")
-    elif cfg.data.val_fraction > 0:
-        train, val = train.tail(cfg.data.val_fraction)
-    if train.num_samples(cfg.model.seq_len) == 0:
-        raise ConfigError(f"data.path {cfg.data.path!r}: fewer than seq_len+1={cfg.model.seq_len + 1} "
-                          "training tokens")
-    return data, train, val
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, int(state[f.name]))  # in place: fit() holds this object
 
 
 class Trainer:
@@ -97,7 +89,7 @@ class Trainer:
         self.backend = build_backend(self.model, cfg, env)
 
         self.state = TrainState()
-        self.order = SampleOrder(self.train_split.num_samples(cfg.model.seq_len), cfg.seed)
+        self.order = run_order(cfg, self.data, self.train_split)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
@@ -106,47 +98,52 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
         self.guard = Guard(cfg.stability, env, self.ledger)
+        self.skip_policy = skip_window                # what a rollback skips (see stability.recovery)
+        self.protected_for: int | None = None         # the episode whose rollback target is pinned
+        self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
-        self.checkpointer = Checkpointer(cfg, env)
+        self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
+        if cfg.stability.enabled and not cfg.checkpoint.every:
+            self.metrics.text("stability: checkpoint.every=0 keeps no checkpoint to roll back to: an episode of "
+                              f"{cfg.stability.max_consecutive} anomalous steps will abort the run "
+                              "(set checkpoint.every to let the guard roll back)")
         if self.faults.describe():
             self.metrics.text(self.faults.describe())
+
+    def parts(self) -> dict:
+        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds)."""
+        return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
 
     # ------------------------------------------------------------------ the recipe
     def batch_size(self, samples: int) -> int:
         return batch_size_at(samples, self.cfg.batch)
 
     def train_step(self, batch: Batch) -> dict:
-        cfg, backend = self.cfg, self.backend
-        local_tokens = batch.tokens[:, 1:].numel()
-        micro = list(batch.micro_batches(cfg.batch.micro_size))
-        loss = torch.zeros((), device=self.env.device)
-        for i, (inputs, targets) in enumerate(micro):
-            loss += backend.forward_backward(inputs, targets, scale=1.0 / local_tokens,
-                                             last=i == len(micro) - 1)
-        self.faults.corrupt_grads(self.state.step + 1, backend)
-        local_nonfinite = not math.isfinite(float(loss))
-        loss = float(backend.mean_over_ranks(loss))   # token-weighted mean over the global batch
-        grad_norm = backend.grad_norm()               # pre-clip, over every shard and rank
-        local_nonfinite |= not math.isfinite(float(grad_norm))  # this rank's grads: any NaN/inf shows here
-        verdict = self.guard.judge(loss, float(grad_norm), local_nonfinite)  # the same on every rank
-        lr = lr_at(self.state.step, batch.size, cfg)
+        cfg, backend, step = self.cfg, self.backend, self.state.step + 1
+        stats = backend.measure(batch, cfg.batch.micro_size,
+                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
+        lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
         clip = 1.0
         if verdict.apply:
-            clip = backend.clip(grad_norm, cfg.optim.grad_clip)
-            backend.step(lr)
-        backend.zero_grad()
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "batch_size": batch.size,
-                "clipped": clip < 1.0, "verdict": verdict.kind}
+            clip = backend.update(lr, cfg.optim.grad_clip)
+        else:
+            backend.discard()
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
+                "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
-        self.checkpointer.resume(self)                # per checkpoint.resume (auto: the newest committed)
+        if refusal := self.aborted.check(self.metrics.text):  # an aborted run stays aborted
+            raise StabilityAbort(refusal)
+        if resumed := self.checkpointer.resume(self.parts()):  # per checkpoint.resume (auto: the newest)
+            self.ledger.record("resume", resumed.step, path=str(resumed.path), passed_over=resumed.passed_over)
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
@@ -156,48 +153,63 @@ class Trainer:
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
-            state.step += 1
-            state.position = batch.next_position
-            state.samples += batch.size
-            state.tokens += batch.size * cfg.model.seq_len
+            state.advance(batch, result["applied"], cfg.model.seq_len)
             window["tokens"] += batch.size * cfg.model.seq_len
             window["clipped"] += result["clipped"]
             window["steps"] += 1
             if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
                 self.log_train(result, window)
-            if self.guard.after_step(self, batch):
-                continue  # rolled back: the state is the checkpoint's
-            self.faults.crash_at(state.step)          # test hook (off by default): kill -9 here
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                self.checkpointer.save(self)
-            if cfg.eval.every and state.step % cfg.eval.every == 0:
+            step = state.step
+            decision = self.guard.after_step(step, batch.step_position, batch.next_position, batch.size)
+            if decision.action != GO_ON:
+                self.act_on(step, decision)           # roll back (state is the checkpoint's) or raise
+            self.protect_rollback_target()
+            self.faults.crash_at(step)                # test hook (off by default): kill -9 here
+            if decision.action == ROLLBACK:
+                continue
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.checkpointer.save(step, self.parts())
+            if cfg.eval.every and step % cfg.eval.every == 0:
                 self.evaluate()
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
-                self.stop.preempt(self, reason)       # checkpoint, ledger "preempt", exit 0; resume continues
+                self.preempt(reason)
                 return state
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):
             self.evaluate()
-        self.checkpointer.save(self)                  # the end of training is always committed
+        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed
         self.checkpointer.wait()
         return state
 
-    def train_state(self) -> dict:
-        """What a checkpoint holds besides weights and optimizer: where the run is in the
-        data, the skip ledger, and the stability guard's memory (so a resumed run decides alike)."""
-        state = {**asdict(self.state), "skips": self.order.skips}
-        if hasattr(self, "guard"):
-            state["guard"] = self.guard.state_dict()
-        return state
+    def act_on(self, step: int, decision: Decision) -> None:
+        """Roll back, or abort for good: mark ``RUN_DIR/ABORTED``, raise :class:`StabilityAbort`."""
+        if decision.action == ROLLBACK:
+            if roll_back(decision, self.checkpointer, self.parts(), self.skip_policy,
+                         self.cfg.stability.rollback_margin, self.ledger, self.metrics.text):
+                return
+            reason = f"no committed checkpoint before step {decision.first_step} to roll back to"
+            if not self.cfg.checkpoint.every:
+                reason += " (set checkpoint.every to keep rollback targets)"
+        else:
+            reason = decision.reason
+        error = self.guard.abort(step, decision, reason)
+        self.aborted.write(step, reason)
+        raise error
 
-    def load_train_state(self, state: dict) -> None:
-        """Inverse of :meth:`train_state`. Skip ranges are added to the live ledger: it only
-        ever grows, so the checkpoint's ranges are already in it or it is empty."""
-        for f in fields(TrainState):
-            setattr(self.state, f.name, int(state[f.name]))  # in place: fit() holds this object
-        for start, end in state["skips"]:
-            self.order.add_skip(start, end)
-        if hasattr(self, "guard") and "guard" in state:
-            self.guard.load_state_dict(state["guard"])
+    def protect_rollback_target(self) -> None:
+        """While an episode is open, retention keeps the checkpoint a rollback would go back to."""
+        first = self.guard.open_since
+        if first != self.protected_for:
+            self.protected_for = first
+            self.checkpointer.protect(rollback_target(self.checkpointer, first))
+
+    def preempt(self, reason: str) -> None:
+        """Checkpoint the step just finished, record why the run stopped; the caller exits 0."""
+        self.checkpointer.save(self.state.step, self.parts())
+        self.checkpointer.wait()  # an async save must be committed before the process exits
+        self.ledger.record("preempt", self.state.step, reason=reason)
+        self.metrics.text(f"bigtrain: stopping at step {self.state.step} ({reason}); "
+                          "checkpoint saved, resume with checkpoint.resume=auto")
+        self.stop.acted_on()
 
     def log_train(self, result: dict, window: dict) -> None:
         if self.env.device.type == "cuda":
@@ -208,7 +220,7 @@ class Trainer:
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": result["batch_size"], **self.guard.counters()}
+                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.state.step, record)

@@ -11,8 +11,8 @@ fingerprint of its moments, and the final full parameters.
 
 SPEC is ``none``, ``fsdp``, ``fsdp+ac`` (with activation checkpointing) or
 ``deepspeed<stage>`` / ``deepspeed<stage>+ac``. ``--skip N`` makes step N a
-skipped step the way the stability guard skips (no clip, no step, then
-``zero_grad``). ``--fail-rank R`` raises on rank R after the group is up.
+skipped step the way the stability guard skips (``Backend.discard`` in place of
+``Backend.update``). ``--fail-rank R`` raises on rank R after the group is up.
 """
 from __future__ import annotations
 
@@ -70,12 +70,15 @@ def fingerprint(params: dict[str, torch.Tensor]) -> float:
 def train(cfg, env: DistEnv, skip: set[int]) -> dict:
     trainer = Trainer(cfg, env)
     backend, steps = trainer.backend, []
-    apply_step, apply_clip = backend.step, backend.clip
+    apply_update = backend.update
 
-    def guarded(apply, skipped):  # the guard's skip: neither clip nor step is called
-        return lambda *a: skipped if trainer.state.step + 1 in skip else apply(*a)
+    def update(lr, max_norm):  # the guard's skip: discard instead of update
+        if trainer.state.step + 1 in skip:
+            backend.discard()
+            return 1.0
+        return apply_update(lr, max_norm)
 
-    backend.step, backend.clip = guarded(apply_step, None), guarded(apply_clip, 1.0)
+    backend.update = update
     take_step = trainer.train_step
 
     def recorded(batch):

@@ -21,7 +21,6 @@ from helpers import fit, read_jsonl, tiny_config
 NAN_STEP = 4
 
 
-
 def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
@@ -48,8 +47,9 @@ def main(data: str, out: str, runs: str) -> None:
             "moments_equal": len(m1) == len(m2) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                                         for a, b in zip(m1, m2)),
             "adam_steps": sorted({m[2] for m in m1}),
-            "skipped": faulty.guard.skipped,
-            "verdict": faulty.guard.last.kind,
+            "skipped": faulty.guard.counters()["skipped"],
+            "verdict": [e["event"] for e in read_jsonl(Path(out) / f"{backend}-nan" / "ledger.jsonl")
+                        if e["step"] == NAN_STEP][0],
         }
     for name, overrides in json.loads(runs).items():
         trained = fit(tiny_config(data, Path(out) / name, **overrides), env)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.checkpoint import load_model, select
-from bigtrain.checkpoint_format import committed
+from bigtrain.checkpoint import committed, load_model, select
 from bigtrain.cli import main
 from bigtrain.data.order import SampleOrder
 from bigtrain.parallel.env import DistEnv
@@ -84,7 +83,7 @@ def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, 
         trainer.backend.forward_backward(inputs, targets, scale=1.0, last=True)
         saved = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.state.step = 1
-        trainer.checkpointer.save(trainer)  # returns while the 19M-parameter state is being copied
+        trainer.checkpointer.save(1, trainer.parts())  # returns while the 19M-parameter state is being copied
         trainer.backend.step(1e-3)          # so this update has to wait for the copy
         trainer.checkpointer.wait()
         assert not same_parameters(trainer.model, load_model(tmp_path))
@@ -212,7 +211,7 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespea
     cfg = tiny_config(shakespeare_bytes, tmp_path)
     resumed = Trainer(cfg, CPU)
     try:
-        resumed.checkpointer.load(resumed, one / "checkpoints" / "step-00000006")
+        resumed.checkpointer.load(one / "checkpoints" / "step-00000006", resumed.parts())
         assert (resumed.state.step, resumed.state.position) == (6, 6 * 8)
         order = SampleOrder(resumed.order.num_samples, cfg.seed)
         batch = resumed.loader.get(resumed.state.position, 8)

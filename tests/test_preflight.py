@@ -10,7 +10,7 @@ from bigtrain.data.dataset import open_data
 from bigtrain.data.order import SampleOrder
 from bigtrain.model.gpt import GPT
 from bigtrain.preflight import run_preflight
-from bigtrain.trainer import open_splits
+from bigtrain.data.splits import open_splits
 from helpers import bigtrain, tiny_config, tiny_overrides
 
 

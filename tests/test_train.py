@@ -95,3 +95,17 @@ def test_corrupted_shard_is_refused_before_training(shakespeare_bytes, tmp_path)
     r = bigtrain(["train", "configs/smoke.yaml", *tiny_overrides(str(data), tmp_path / "run")])
     assert r.returncode == 2 and shard.name in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_saving_a_checkpoint_never_changes_the_run(shakespeare_bytes, tmp_path):
+    """Step 1 is skipped (a NaN), so step 1's checkpoint is taken before any update was
+    applied; the run that saves it must end bitwise where the run that does not ends."""
+    def run(every: int):
+        trainer = fit(tiny_config(shakespeare_bytes, tmp_path / str(every), faults__nan_at=[1],
+                                  schedule__max_steps=3, checkpoint__every=every, eval__batches=0))
+        steps = {int(s["step"]) for s in trainer.backend.optimizer.state.values()}
+        return [p.detach() for p in trainer.model.parameters()], steps
+
+    (saving, saving_steps), (plain, plain_steps) = run(1), run(0)
+    assert saving_steps == plain_steps == {2}  # two updates applied, the skipped one not counted
+    assert all(torch.equal(p, q) for p, q in zip(saving, plain, strict=True))

@@ -13,6 +13,12 @@ So a batch depends only on (seed, position, ledger, B): never on the world size,
 micro-batch size or the number of loader workers. A run resumed on another world size
 sees the same batches, and ``bigtrain inspect`` can say exactly what step N trained on.
 
+What a saved position *means* depends on the seed, the samples (the training
+shards, cut into ``seq_len + 1`` tokens, minus a ``data.val_fraction`` tail) and
+their number. A checkpoint stores that *fingerprint* with the skip ledger
+(:meth:`SampleOrder.state_dict`), and a resume that would silently continue at the
+same position of another stream is refused unless ``checkpoint.accept_data_change``.
+
 The permutation is a keyed bijection computed per index, not a shuffled array: a
 4-round Feistel network over ``2**k >= N`` with cycle walking (an index that lands
 outside ``[0, N)`` is encrypted again until it lands inside; this stays a bijection on
@@ -24,11 +30,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from bigtrain.config import BatchConfig, ConfigError
+
+if TYPE_CHECKING:
+    from bigtrain.config import Config
+    from bigtrain.data.dataset import PreparedData, TokenSplit
 
 _ROUNDS = 4
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's multipliers
@@ -79,16 +89,48 @@ def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return permute(n, seed, epoch, np.arange(n))
 
 
+# What defines the order, in the order a mismatch is reported, with the name a user knows it by.
+FINGERPRINT = (("seed", "seed"), ("seq_len", "model.seq_len"), ("train_sha256", "train shards sha256"),
+               ("val_fraction", "data.val_fraction"), ("samples", "training samples"))
+
+
 class SampleOrder:
     """The infinite sample stream of one run and its skip ledger."""
 
-    def __init__(self, num_samples: int, seed: int, skip: Iterable[tuple[int, int]] = ()):
+    def __init__(self, num_samples: int, seed: int, skip: Iterable[tuple[int, int]] = (),
+                 fingerprint: dict | None = None, accept_change: bool = False):
+        """``fingerprint``: what else defines the samples (see :func:`run_order`);
+        ``accept_change``: load a saved state whose fingerprint differs."""
         if num_samples < 1:
             raise ConfigError("the data holds no sample of seq_len + 1 tokens; use more data or a shorter seq_len")
         self.num_samples, self.seed = int(num_samples), int(seed)
+        self.fingerprint = {**(fingerprint or {}), "seed": self.seed, "samples": self.num_samples}
+        self.accept_change = accept_change
         self._starts: list[int] = []
         self._ends: list[int] = []
         for start, end in skip:
+            self.add_skip(start, end)
+
+    def state_dict(self) -> dict:
+        """The skip ledger and the fingerprint, as plain data (the position is the trainer's)."""
+        return {"skips": [[s, e] for s, e in self.skips], "fingerprint": dict(self.fingerprint)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the saved ledger, after checking that the saved order is this one.
+
+        Raises :class:`ConfigError` naming the first thing that changed, unless
+        ``accept_change``."""
+        if not self.accept_change:
+            saved = state["fingerprint"]
+            for key, label in FINGERPRINT:
+                theirs, ours = saved.get(key), self.fingerprint.get(key)
+                if theirs != ours:
+                    show = (lambda v: f"{v[:12]}...") if key == "train_sha256" and theirs and ours else str
+                    raise ConfigError(f"the data order was written with {label} {show(theirs)}, this run has "
+                                      f"{label} {show(ours)}; set checkpoint.accept_data_change=true if that is "
+                                      "intended")
+        self._starts, self._ends = [], []
+        for start, end in state["skips"]:
             self.add_skip(start, end)
 
     @property
@@ -149,6 +191,20 @@ class SampleOrder:
         if len(batch) % world:
             raise ValueError(f"world size {world} does not divide the global batch of {len(batch)}")
         return batch[rank::world]
+
+
+def run_order(cfg: Config, data: PreparedData, train_split: TokenSplit) -> SampleOrder:
+    """The sample order of a run on ``train_split`` of ``data``, with its fingerprint:
+    the seed, the sample count, seq_len, the train shards' sha256 from the data's
+    manifest (another corpus, or the same one re-prepared differently) and the
+    ``data.val_fraction`` cut when one was taken from the train split."""
+    shards = data.manifest["splits"]["train"]["shards"]
+    cut = train_split.tokens < data.split("train").tokens
+    fingerprint = {"seq_len": cfg.model.seq_len,
+                   "train_sha256": hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest(),
+                   "val_fraction": cfg.data.val_fraction if cut else 0.0}
+    return SampleOrder(train_split.num_samples(cfg.model.seq_len), cfg.seed, fingerprint=fingerprint,
+                       accept_change=cfg.checkpoint.accept_data_change)
 
 
 def batch_size_at(samples: int, cfg: BatchConfig) -> int:

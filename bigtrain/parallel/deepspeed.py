@@ -21,12 +21,17 @@ boundary). Ours is different, and the mapping is:
 * gradient norm: the one DeepSpeed's optimizer computes from the reduced
   gradient partitions (the value it will clip with), identical on every rank;
   non-finite when any rank has a NaN or inf;
-* clipping: DeepSpeed's own, inside its step, at ``optim.grad_clip``;
-* a skipped step (the stability guard calls ``zero_grad`` without ``step``):
-  DeepSpeed keeps reduced gradients in private buffers that only its ``step``
-  releases, so we run that step with the wrapped AdamW's update suppressed.
-  DeepSpeed clears its buffers by its own code; parameters, Adam moments and
-  the Adam step count are untouched.
+* clipping: DeepSpeed's own, inside its step, at ``optim.grad_clip`` (written into
+  its config; :meth:`DeepSpeedBackend.update` refuses any other ``max_norm``);
+* a skipped step (:meth:`~bigtrain.parallel.backend.Backend.discard`): DeepSpeed
+  keeps reduced gradients in private buffers that only its ``step`` releases, so we
+  run that step with the wrapped AdamW's update suppressed. DeepSpeed clears its
+  buffers by its own code; parameters, Adam moments and the Adam step count are
+  untouched.
+
+Capabilities: its checkpoints are DeepSpeed's own files, loadable only at the
+same world size; gradients live in ZeRO's partition buffers, not in ``.grad``; no
+async save.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch
 from bigtrain.config import Config, ConfigError
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import param_groups, set_lr
-from bigtrain.parallel.backend import Backend, prepare_blocks
+from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
 
 # DeepSpeed calls collectives that torch deprecates; the warning would repeat every step.
@@ -79,6 +84,10 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    reshards_checkpoints = False
+    has_local_grads = False
+    async_checkpoint = False
+    checkpoint_format = "deepspeed"
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if env.device.type == "cpu" else "cuda")
@@ -100,14 +109,10 @@ class DeepSpeedBackend(Backend):
     def autocast(self):
         return contextlib.nullcontext()  # the engine holds bf16 (or fp32) weights itself
 
-    def forward_backward(self, inputs, targets, scale, last):
-        self.engine.set_gradient_accumulation_boundary(last)
-        out = super().forward_backward(inputs, targets, scale, last)
-        self._unconsumed = self._unconsumed or last
-        return out
-
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)  # the engine reads it inside backward
         self.engine.backward(loss, scale_wrt_gas=False)
+        self._unconsumed = self._unconsumed or last
 
     # -- gradients and updates -----------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
@@ -119,18 +124,22 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed marks a NaN/inf norm as negative; ours is NaN, as for the other backends.
         return torch.full((), math.nan) if is_invalid_grad_norm(norm) else norm.reshape(())
 
-    def clip(self, norm: torch.Tensor, max_norm: float) -> float:
-        """DeepSpeed clips inside its step, with this same norm and ``optim.grad_clip``."""
+    def _clip(self, norm: torch.Tensor, max_norm: float) -> float:
+        """DeepSpeed clips inside its step, with this same norm and ``optim.grad_clip``: only
+        the factor is computed here, for the metrics."""
+        if max_norm != self.engine.gradient_clipping():
+            raise ValueError(f"deepspeed clips at optim.grad_clip={self.engine.gradient_clipping()} "
+                             f"inside its step, not at {max_norm}")
         if max_norm <= 0 or not math.isfinite(float(norm)):
             return 1.0
         return min(1.0, max_norm / (float(norm) + 1e-6))
 
-    def step(self, lr: float) -> None:
+    def _step(self, lr: float) -> None:
         set_lr(self.engine.optimizer, lr)
         self.engine.step()
         self._unconsumed = False
 
-    def zero_grad(self) -> None:
+    def _zero_grad(self) -> None:
         if self._unconsumed:  # skipped: let DeepSpeed release its gradients, update nothing
             with self._update_suppressed():
                 self.engine.step()

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import build_optimizer
-from bigtrain.parallel.backend import Backend, prepare_blocks
+from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
 
 

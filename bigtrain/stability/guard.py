@@ -1,31 +1,37 @@
 """What to do about an anomalous step: skip it, roll back past it, or stop.
 
-The PaLM recipe, done automatically and identically on every rank:
+The PaLM recipe, decided identically on every rank. The guard only *decides*; the
+training loop carries the decision out (:mod:`bigtrain.stability.recovery`).
 
-* **skip**: a step the detector calls ``spike`` or ``nonfinite`` is not applied.
-  The trainer simply does not call clip and step, and clears the gradients, so
-  parameters, optimizer moments and the optimizer's step count stay exactly as
-  they were. (Masking the update by multiplying with 0 would not do: 0 * NaN is
-  NaN.) Since a non-finite update is never applied, no checkpoint can ever hold
-  a non-finite value. The skipped step still consumes its data.
-* **rollback**: ``stability.max_consecutive`` anomalous steps in a row mean the
-  trouble persists. Reload the newest committed checkpoint older than the first
-  step of this episode, add the stream positions from that checkpoint's data
-  position to the end of the last anomalous batch, plus
-  ``stability.rollback_margin`` more global batches, to the skip ledger, and go on.
-  Replaying the same data from an earlier state is what spiked; the data window
-  is never read again.
-* **abort**: an episode that persists after ``stability.max_rollbacks`` rollbacks
-  (or with no checkpoint to go back to) stops the run with :class:`StabilityAbort`
-  (exit status 3), naming the steps and their stream positions. Checkpoints are
-  left as they are.
+* **skip**: a step the detector calls ``spike`` or ``nonfinite`` is not applied
+  (:attr:`Verdict.apply` is False): the loop discards its gradients, so parameters,
+  optimizer moments and the optimizer's step count stay exactly as they were.
+  (Masking the update by multiplying with 0 would not do: 0 * NaN is NaN.) So no
+  checkpoint can ever hold a non-finite value. The skipped step still consumes its
+  data and counts toward ``schedule.max_steps``, but not toward the LR schedule.
+* **rollback**: ``stability.max_consecutive`` anomalous steps in a row (an
+  *episode*) mean the trouble persists. :meth:`Guard.after_step` returns
+  :data:`ROLLBACK` with the episode; the loop reloads the newest committed
+  checkpoint older than the episode's first step and adds the data window in
+  between to the skip ledger: replaying the same data from an earlier state is
+  what spiked. While an episode is open, the loop pins that checkpoint
+  (``Checkpointer.protect``) so that retention cannot delete it. A rollback needs a
+  checkpoint: with ``checkpoint.every: 0`` there is none to go back to (the run
+  says so when it starts) and the first episode aborts.
+* **abort**: :data:`ABORT` when an episode comes while the current *chain* of
+  rollbacks already holds ``stability.max_rollbacks`` of them. A chain starts at
+  the first episode that rolls back; every later rollback belongs to it until the
+  replay has made ``stability.window`` normal steps numbered from the step where the
+  chain's first episode began; then the chain ends and the count starts again. So
+  separate bad-data windows far apart each get their rollbacks, while one that keeps
+  coming back after a rollback stops the run. The loop writes ``RUN_DIR/ABORTED``
+  and raises :class:`StabilityAbort` (exit status 3); the run stays aborted.
 
-Every decision is appended to ``RUN_DIR/ledger.jsonl`` (and TensorBoard). The
-guard's state goes into every checkpoint so that a resumed run makes the same
-decisions. A rollback restores the *detector* from the checkpoint (its window
-belongs to that model state) but keeps what the run has learnt since: the
-rollbacks done and the data windows they skipped, which are re-applied to the
-skip ledger after the reload.
+Every decision is appended to ``RUN_DIR/ledger.jsonl``. The guard's state goes into
+every checkpoint, so a resumed run decides alike. A rollback restores the detector
+and the episode from the checkpoint (they belong to that model state) but keeps what
+the run has learnt since (:meth:`Guard.rolled_back`): its rollbacks, their chain and
+the count of skipped updates.
 
 ``stability.enabled: false`` turns off spike detection, rollback and abort; a
 non-finite update is still never applied.
@@ -38,6 +44,8 @@ from bigtrain.config import StabilityConfig
 from bigtrain.ledger import Ledger
 from bigtrain.parallel.env import DistEnv
 from bigtrain.stability.detector import NONFINITE, OK, SpikeDetector
+
+GO_ON, ROLLBACK, ABORT = "go on", "roll back", "abort"
 
 
 class StabilityAbort(RuntimeError):
@@ -58,12 +66,26 @@ class Verdict:
         return self.kind == OK
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What the loop must do after a step. ``episode``: the anomalous steps in a row, each
+    ``{"step", "start", "end", "size"}`` (its stream window and global batch size)."""
+    action: str = GO_ON
+    episode: tuple = ()
+    reason: str = ""
+
+    @property
+    def first_step(self) -> int:
+        return self.episode[0]["step"]
+
+
 class Guard:
     def __init__(self, cfg: StabilityConfig, env: DistEnv, ledger: Ledger):
         self.cfg, self.env, self.ledger = cfg, env, ledger
         self.detector = SpikeDetector(cfg.window, cfg.warmup, cfg.threshold)
-        self.episode: list[dict] = []    # the current run of consecutive anomalous steps
-        self.rollbacks: list[dict] = []  # every rollback so far, with the window it skipped
+        self.episode: list[dict] = []    # the open episode: consecutive anomalous steps
+        self.chain: dict | None = None   # {"start", "rollbacks", "normal"}: the rollbacks that count together
+        self.rollbacks: list[dict] = []  # every rollback of the run, for the abort message
         self.skipped = 0                 # updates not applied, over the whole run
         self.last: Verdict | None = None
 
@@ -80,65 +102,62 @@ class Guard:
         self.last = Verdict(kind, loss, grad_norm, details)
         return self.last
 
-    def after_step(self, trainer, batch) -> bool:
-        """Record the step's verdict and act on an episode that persists.
-
-        Called once the trainer's state has moved past ``batch``. Returns True when
-        the run was rolled back (``trainer.state`` now is the checkpoint's).
-        Raises :class:`StabilityAbort` when it cannot go on.
-        """
-        v, step = self.last, trainer.state.step
+    def after_step(self, step: int, start: int, end: int, size: int) -> Decision:
+        """Record the verdict of ``step`` (it read stream positions ``[start, end)``, a global
+        batch of ``size``) and decide what the loop does next."""
+        v = self.last
         if v.apply:
             self.episode = []
-            return False
-        where = {"start": int(batch.step_position), "end": int(batch.next_position)}
+            if self.chain is not None and step >= self.chain["start"]:
+                self.chain["normal"] += 1
+                if self.chain["normal"] >= self.cfg.window:
+                    self.chain = None    # the replay is well past where the chain began
+            return Decision()
+        where = {"start": int(start), "end": int(end)}
         self.ledger.record(v.kind, step, loss=v.loss, grad_norm=v.grad_norm, **v.details, **where)
         self.ledger.record("skip", step, **where)
         self.skipped += 1
         if not self.cfg.enabled:
-            return False
-        self.episode.append({"step": step, **where})
+            return Decision()
+        self.episode.append({"step": step, **where, "size": int(size)})
         if len(self.episode) < self.cfg.max_consecutive:
-            return False
-        if len(self.rollbacks) >= self.cfg.max_rollbacks:
-            self.abort(trainer, f"anomalies persisted after {len(self.rollbacks)} rollback(s) "
-                                f"(stability.max_rollbacks={self.cfg.max_rollbacks})")
-        self.rollback(trainer, batch)
-        return True
+            return Decision()
+        done = self.chain["rollbacks"] if self.chain else 0
+        if done >= self.cfg.max_rollbacks:
+            return Decision(ABORT, tuple(self.episode),
+                            f"anomalies persisted after {done} rollback(s) in a row "
+                            f"(stability.max_rollbacks={self.cfg.max_rollbacks})")
+        return Decision(ROLLBACK, tuple(self.episode))
 
-    # ------------------------------------------------------------------ actions
-    def rollback(self, trainer, batch) -> None:
-        step, first, count = trainer.state.step, self.episode[0]["step"], len(self.episode)
-        older = [(s, p) for s, p in trainer.checkpointer.committed() if s < first]
-        if not older:
-            self.abort(trainer, f"no committed checkpoint before step {first} to roll back to")
-        to_step, path = older[-1]
-        # the margin counts batches of readable data, so measure it on the current ledger
-        _, skip_end = trainer.order.next_batch(batch.next_position, self.cfg.rollback_margin * batch.size)
-        rollbacks, skipped = self.rollbacks, self.skipped
-        trainer.checkpointer.load(trainer, path)  # model, optimizer, state, skips, detector, RNG
-        self.rollbacks, self.skipped, self.episode = rollbacks, skipped, []
-        entry = {"step": step, "to_step": to_step, "skip_start": trainer.state.position, "skip_end": skip_end}
-        self.rollbacks.append(entry)
-        for r in self.rollbacks:  # the checkpoint may predate earlier rollbacks too
-            trainer.order.add_skip(r["skip_start"], r["skip_end"])
-        self.ledger.record("rollback", step, **{k: v for k, v in entry.items() if k != "step"},
-                           rollbacks=len(self.rollbacks), checkpoint=str(path))
-        trainer.metrics.text(f"stability: step {step}: {count} "
-                             f"anomalous steps in a row; rolled back to step {to_step} and skipped stream "
-                             f"positions [{entry['skip_start']}, {skip_end})")
+    @property
+    def open_since(self) -> int | None:
+        """The first step of the open episode, or None."""
+        return self.episode[0]["step"] if self.episode else None
 
-    def abort(self, trainer, reason: str) -> None:
-        step = trainer.state.step
-        steps = [e["step"] for e in self.episode]
-        ranges = ", ".join(f"[{e['start']}, {e['end']})" for e in self.episode)
-        skipped = ", ".join(f"[{r['skip_start']}, {r['skip_end']})" for r in self.rollbacks) or "none"
-        self.ledger.record("abort", step, reason=reason, steps=steps,
-                           ranges=[[e["start"], e["end"]] for e in self.episode])
-        raise StabilityAbort(
+    # ------------------------------------------------------------------ outcomes
+    def rolled_back(self, memory: dict, decision: Decision, to_step: int, skips: list) -> dict:
+        """After the loop reloaded the checkpoint of ``to_step`` (which restored this guard too):
+        keep what the run learnt since, taken as ``memory = state_dict()`` before the load,
+        and count this rollback in its chain. Returns the rollback's record."""
+        chain = memory["chain"] or {"start": decision.first_step, "rollbacks": 0}
+        self.chain = {"start": chain["start"], "rollbacks": chain["rollbacks"] + 1, "normal": 0}
+        entry = {"step": decision.episode[-1]["step"], "to_step": to_step, "skips": [list(s) for s in skips]}
+        self.rollbacks = [dict(r) for r in memory["rollbacks"]] + [entry]
+        self.skipped = memory["skipped"]
+        self.episode = []
+        return entry
+
+    def abort(self, step: int, decision: Decision, reason: str) -> StabilityAbort:
+        """Record the abort and return the exception (with everything a person needs) to raise."""
+        episode = decision.episode
+        steps = [e["step"] for e in episode]
+        ranges = ", ".join(f"[{e['start']}, {e['end']})" for e in episode)
+        skipped = ", ".join(f"[{a}, {b})" for r in self.rollbacks for a, b in r["skips"]) or "none"
+        self.ledger.record("abort", step, reason=reason, steps=steps, ranges=[[e["start"], e["end"]] for e in episode])
+        return StabilityAbort(
             f"stability: aborted at step {step}: {reason}; anomalous steps {steps} read stream positions "
-            f"{ranges} (see `bigtrain inspect {trainer.run_dir} --step N`); windows skipped by earlier "
-            f"rollbacks: {skipped}; checkpoints are intact")
+            f"{ranges} (see `bigtrain inspect {self.ledger.path.parent} --step N`); windows skipped by "
+            f"earlier rollbacks: {skipped}; checkpoints are intact")
 
     # ------------------------------------------------------------------ bookkeeping
     def counters(self) -> dict:
@@ -147,10 +166,12 @@ class Guard:
 
     def state_dict(self) -> dict:
         return {"detector": self.detector.state_dict(), "episode": [dict(e) for e in self.episode],
+                "chain": dict(self.chain) if self.chain else None,
                 "rollbacks": [dict(r) for r in self.rollbacks], "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state["detector"])
         self.episode = [dict(e) for e in state["episode"]]
+        self.chain = dict(state["chain"]) if state["chain"] else None
         self.rollbacks = [dict(r) for r in state["rollbacks"]]
         self.skipped = int(state["skipped"])

@@ -5,12 +5,18 @@
     RUN_DIR/checkpoints/step-00001200/
         .metadata, __<r>_<n>.distcp   model + optimizer shards (DCP; DeepSpeed writes its own files)
         meta.json                     format version, step, world size, backend, the resolved config
-        train_state.pt                Trainer.train_state(): data position, skip ledger, guard, ...
+        state.pt                      {part name: state_dict()} of every other part: train state,
+                                      data order (position, skip ledger, fingerprint), guard, ...
         rng-<rank>.pt                 each rank's RNG states (python, numpy, torch, cuda)
         manifest.json                 size and CRC-32 of every other file; written last
 
-The directory is written as ``step-00001200.tmp`` and renamed once every rank has
+Only a directory named exactly ``step-<8+ digits>`` is a committed checkpoint. The
+directory is written as ``step-00001200.tmp`` and renamed once every rank has
 finished: the name without ``.tmp`` is the commit, and a ``.tmp`` is never loaded.
+The other names a checkpoint directory passes through (see
+:mod:`bigtrain.checkpoint.lifecycle`) are never loaded either: ``.old`` (a committed
+checkpoint moved aside while the same step is committed again) and ``.deleting``
+(on its way out: retention, or a timeline abandoned by a rollback).
 The manifest catches what DCP would not: a missing or truncated shard, and flipped
 bits (DCP reads raw byte ranges and would load garbage without a word). CRC-32,
 not a cryptographic hash: it guards against accidents at ~4 GB/s, not against
@@ -34,8 +40,8 @@ import torch
 
 from bigtrain.config import Config
 
-FORMAT_VERSION = 1
-MANIFEST, META = "manifest.json", "meta.json"
+FORMAT_VERSION = 2  # 2: one state.pt of named parts (1 had train_state.pt)
+MANIFEST, META, STATE = "manifest.json", "meta.json", "state.pt"
 _COMMITTED = re.compile(r"^step-(\d{8,})$")
 
 # The model fields that decide the weights' shapes or meaning. dropout, z_loss and
@@ -55,6 +61,18 @@ def tmp_dir(final: Path) -> Path:
     return final.with_name(final.name + ".tmp")
 
 
+def aside_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def deleting_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".deleting")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
+
+
 def committed(root: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the committed checkpoints under ``root``, ascending by step."""
     root = Path(root)
@@ -64,9 +82,9 @@ def committed(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def incomplete(root: Path) -> list[Path]:
-    """Leftovers of writes that never committed (a crash mid-save)."""
-    return sorted(Path(root).glob("step-*.tmp")) if Path(root).is_dir() else []
+def leftovers(root: Path, suffix: str) -> list[Path]:
+    """``step-*<suffix>`` directories under ``root``: what a crash left in the middle of a lifecycle step."""
+    return sorted(Path(root).glob(f"step-*{suffix}")) if Path(root).is_dir() else []
 
 
 def architecture(model_cfg) -> dict:
@@ -90,6 +108,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directories themselves.
+
+    For writers that do not fsync on their own (DeepSpeed's ``torch.save`` calls):
+    without it the commit could name shards whose bytes are still in the page cache,
+    and a power loss would leave a committed checkpoint with holes."""
+    d = Path(directory)
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in [d, *sorted(p for p in d.rglob("*") if p.is_dir())]:
+        fsync_dir(sub)
 
 
 def listing(directory: Path) -> list[str]:
@@ -153,8 +189,10 @@ def problem(path: Path, cfg: Config | None = None, world: int | None = None, ver
     """
     path = Path(path)
     where = f"checkpoint {str(path)!r}"
-    if path.name.endswith(".tmp"):
-        return f"{where} is an unfinished write (.tmp) and is never loaded"
+    for suffix, what in ((".tmp", "an unfinished write"), (".old", "a checkpoint replaced by a newer save"),
+                         (".deleting", "being deleted")):
+        if path.name.endswith(suffix):
+            return f"{where} is {what} ({suffix}) and is never loaded"
     if not path.is_dir():
         return f"{where} does not exist" if not path.exists() else f"{where} is not a directory"
     if not (path / META).is_file():
@@ -164,9 +202,9 @@ def problem(path: Path, cfg: Config | None = None, world: int | None = None, ver
         version = int(meta["format_version"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{where}: {META} is unreadable ({type(e).__name__})"
-    if version > FORMAT_VERSION:
-        return (f"{where} has format version {version}; this bigtrain reads up to {FORMAT_VERSION} "
-                "(upgrade bigtrain)")
+    if version != FORMAT_VERSION:
+        return (f"{where} has format version {version}; this bigtrain reads version {FORMAT_VERSION} "
+                f"({'upgrade bigtrain' if version > FORMAT_VERSION else 'written by an older bigtrain'})")
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as e:

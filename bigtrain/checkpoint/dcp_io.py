@@ -74,8 +74,9 @@ def save(state: dict, path: Path, distributed: bool) -> None:
 
 def make_stager(device: torch.device) -> DefaultStager:
     """The CPU copy an async save writes from, made in a background thread (on a side
-    stream, into pinned memory, on CUDA). Kept for the whole run: it reuses its buffers,
-    so only the first async save pays for allocating them."""
+    stream, into pinned memory, on CUDA; :func:`async_save` orders it after the compute
+    stream). Kept for the whole run: it reuses its buffers, so only the first async save
+    pays for allocating them."""
     cuda = device.type == "cuda"
     return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                         use_async_staging=True, use_non_blocking_copy=cuda))
@@ -89,6 +90,14 @@ def async_save(state: dict, path: Path, distributed: bool, group, stager: Defaul
     resolves when every rank's shards and the ``.metadata`` are on disk. ``group`` must be
     a gloo group the training loop does not use: the writer thread runs collectives on it.
     """
+    if torch.cuda.is_initialized():
+        # DefaultStager copies on a stream of its own (made in make_stager), and that stream
+        # does not wait for the compute stream: the copy could read parameters and Adam moments
+        # while the kernels of the optimizer step that produced them are still queued, and save
+        # a mix of two steps. Block until the compute stream has finished what it has queued;
+        # the copy then reads finished values, and the optimizer hold (the caller's, until
+        # staging_completion) keeps the next step from writing them before the copy is done.
+        torch.cuda.current_stream().synchronize()
     return dcp.async_save(state, storage_writer=FileSystemWriter(str(path)), process_group=group,
                           async_stager=stager, no_dist=not distributed)
 

@@ -1,0 +1,86 @@
+"""Which checkpoint to start from, and reading a checkpoint's model outside training.
+
+:func:`select` is the resume policy (``checkpoint.resume`` and ``checkpoint.fallback``);
+it only reads, so the CLI runs it before any process starts and the
+:class:`~bigtrain.checkpoint.checkpointer.Checkpointer` runs it again to resume.
+:func:`find` and :func:`load_model` serve the tools (``export``, ``inspect``, tests).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigtrain.checkpoint.format import META, committed, problem, read_meta, weights_only_loads
+from bigtrain.config import Config, ConfigError, ModelConfig
+
+
+def select(cfg: Config, world: int, verify: bool = True) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``checkpoint.resume`` asks for, and the problems of newer ones passed over.
+
+    ``auto``: the newest committed checkpoint in ``RUN_DIR/checkpoints``; if it is unusable,
+    older ones only with ``checkpoint.fallback: true``. ``never``: none. A path inside this
+    run's checkpoints: exactly that one (a manual rollback). A path elsewhere (starting from
+    another run) counts only until this run has committed checkpoints of its own; after
+    that, a restarted job goes on from its own newest, as with ``auto``, instead of losing
+    its progress. Raises :class:`ConfigError` with one line when nothing usable is found.
+    Reads, never deletes.
+    """
+    mode, root = cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints"
+    if mode == "never":
+        return None, []
+    own = committed(root)
+    if mode != "auto" and not (own and Path(mode).resolve().parent != root.resolve()):
+        why = problem(Path(mode), cfg, world, verify)
+        if why:
+            raise ConfigError(f"checkpoint.resume: {why}")
+        return Path(mode), []
+    passed: list[str] = []
+    for _, path in reversed(own):
+        why = problem(path, cfg, world, verify)
+        if why is None:
+            return path, passed
+        if not cfg.checkpoint.fallback:
+            raise ConfigError(f"{why}; set checkpoint.fallback=true to resume from an older checkpoint, "
+                              "or checkpoint.resume=never to start over")
+        passed.append(why)
+    if passed:
+        raise ConfigError(f"no loadable checkpoint in {root}; the newest: {passed[0]}")
+    return None, []
+
+
+def find(run_dir: str | Path, step: int | None = None) -> Path:
+    """The committed checkpoint of ``run_dir`` at ``step`` (default: the newest), or
+    ``run_dir`` itself when it is a checkpoint directory."""
+    run_dir = Path(run_dir)
+    if (run_dir / META).is_file():
+        return run_dir
+    found = dict(committed(run_dir / "checkpoints"))
+    if not found:
+        raise ConfigError(f"{str(run_dir)!r} holds no committed checkpoint (looked in {run_dir / 'checkpoints'})")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise ConfigError(f"{str(run_dir)!r} has no checkpoint for step {step}; committed: {sorted(found)}")
+    return found[step]
+
+
+def load_model(run_dir: str | Path, step: int | None = None):
+    """bigtrain's own model with the consolidated weights of a checkpoint (fp32, CPU, eval mode),
+    whatever backend and world size wrote it. ``run_dir`` may also be a checkpoint directory."""
+    from bigtrain.model.gpt import GPT
+    path = find(run_dir, step)
+    why = problem(path)
+    if why:
+        raise ConfigError(why)
+    meta = read_meta(path)
+    model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
+    if meta["backend"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        from bigtrain.checkpoint import dcp_io
+        state = {"model": model.state_dict()}
+        dcp_io.load(state, path, distributed=False)
+        state = state["model"]
+    model.load_state_dict(state)
+    return model.eval()

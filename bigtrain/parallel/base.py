@@ -1,0 +1,193 @@
+"""The training-step recipe every backend shares, and what a backend declares it can do.
+
+A backend owns the wrapped model and the optimizer, and the training step (as
+OLMo-core's TrainModule does): :meth:`Backend.measure` runs every micro-batch
+forward and backward and returns the global loss and gradient norm;
+:meth:`Backend.update` clips and applies the update; :meth:`Backend.discard` drops
+the gradients of a step that must not be applied. The trainer, preflight, anomaly
+tracing and the benchmarks all take their steps through these three, so there is
+one recipe. A subclass changes only the pieces that differ (how a micro-batch's
+backward reduces gradients, how the norm is measured over shards, how the optimizer
+steps). What a backend can do is declared in its capability attributes, readable
+before it is built (:func:`bigtrain.parallel.backend.backend_class`), so nothing
+outside this package compares backend names.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bigtrain.config import Config
+from bigtrain.model.gpt import GPT, lm_loss
+from bigtrain.optim import set_lr
+from bigtrain.checkpoint import dcp_io
+from bigtrain.parallel.env import DistEnv
+
+
+def prepare_blocks(model: GPT, cfg: Config) -> None:
+    """Activation checkpointing and ``torch.compile``, per block and in place, so that
+    parameter names (and therefore checkpoints and exports) are unchanged."""
+    for block in model.blocks:
+        if cfg.parallel.activation_checkpointing:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if cfg.parallel.compile:
+            block.compile()
+
+
+@dataclass
+class StepStats:
+    """What :meth:`Backend.measure` found, before anything is applied."""
+    loss: float            # token-weighted mean CE over the whole global batch, same on every rank
+    grad_norm: float       # pre-clip global L2 norm over every shard and rank, same on every rank
+    local_nonfinite: bool  # this rank saw a NaN/inf in its loss or gradients (the guard OR-reduces it)
+
+
+class Backend:
+    """Base class: the step recipe and the parts every backend shares (autocast, loss, clipping maths)."""
+
+    name = "base"
+    # Capabilities, declared so that callers ask instead of comparing names.
+    reshards_checkpoints = True   # its checkpoints load at any world size (DCP)
+    has_local_grads = True        # per-parameter ``.grad`` is readable (faults.nan_at, detail metrics)
+    async_checkpoint = True       # supports :meth:`async_save_sharded`
+    checkpoint_format = "dcp"     # "dcp" | "deepspeed"
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.raw_model = model  # the unwrapped GPT (its parameters may be sharded)
+        self.model: nn.Module = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._norm: torch.Tensor | None = None  # the measured step's global norm, for update()
+
+    # -- the step recipe ------------------------------------------------------------------
+    def measure(self, batch, micro_size: int, after_backward=None) -> StepStats:
+        """All micro-batches of ``batch`` (this rank's rows) forward and backward, each loss
+        scaled to its share of the rank's token mean; ``after_backward(self)`` runs after the
+        last backward (and after any gradient reduction). Nothing is applied yet."""
+        scale = 1.0 / batch.tokens[:, 1:].numel()
+        micro = list(batch.micro_batches(micro_size))
+        loss = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(micro):
+            loss += self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
+        if after_backward is not None:
+            after_backward(self)
+        local_nonfinite = not math.isfinite(float(loss))
+        # Ranks hold equal token counts, so the mean of the rank means is the global token mean.
+        mean_loss = float(self.mean_over_ranks(loss))
+        self._norm = self.grad_norm()
+        norm = float(self._norm)
+        return StepStats(mean_loss, norm, local_nonfinite or not math.isfinite(norm))
+
+    def update(self, lr: float, max_norm: float) -> float:
+        """Clip the measured gradients to ``max_norm`` (0: off), step the optimizer at ``lr`` and
+        zero the gradients. Returns the clip factor (1.0: not clipped)."""
+        factor = self._clip(self._norm, max_norm)
+        self._step(lr)
+        self._zero_grad()
+        return factor
+
+    def discard(self) -> None:
+        """Drop this step's gradients; parameters, moments and step counts stay as they were."""
+        self._zero_grad()
+
+    # -- forward / backward ---------------------------------------------------------
+    def autocast(self):
+        if self.cfg.parallel.precision == "bf16":
+            return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_terms(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits = self.model(inputs)
+        return lm_loss(logits, targets, self.cfg.model.z_loss)
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float,
+                         last: bool) -> torch.Tensor:
+        """Run one micro-batch; ``scale`` turns its loss sum into its share of the
+        rank's token-weighted mean. Returns the detached cross-entropy share."""
+        ce_sum, z_sum = self.loss_terms(inputs, targets)
+        self.backward((ce_sum + z_sum) * scale, last)
+        return ce_sum.detach() * scale
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss; ``last``: the step's final micro-batch, after
+        which gradients are complete (reduced over ranks where the backend does that)."""
+        loss.backward()
+
+    @torch.no_grad()
+    def eval_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce_sum, _ = self.loss_terms(inputs, targets)
+        return ce_sum.detach()
+
+    # -- reductions --------------------------------------------------------------------
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        t = value.detach().float().reshape(1).clone()
+        return self.env.all_reduce(t) / self.env.world
+
+    # -- gradients and updates -----------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def grad_norm(self) -> torch.Tensor:
+        """The pre-clip L2 norm over every parameter, shard and rank (same on all ranks).
+        A NaN or inf anywhere makes it non-finite everywhere."""
+        grads = self.grads()
+        if not grads:
+            return torch.zeros((), device=self.env.device)
+        norms = torch._foreach_norm(grads, 2.0)
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+    def _clip(self, norm: torch.Tensor, max_norm: float) -> float:
+        """Scale gradients so their global norm is at most ``max_norm``; returns the factor."""
+        if max_norm <= 0 or not math.isfinite(float(norm)):
+            return 1.0
+        factor = min(1.0, max_norm / (float(norm) + 1e-6))
+        if factor < 1.0:
+            torch._foreach_mul_(self.grads(), factor)
+        return factor
+
+    def _step(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, fp32, on the CPU, by name; a collective (every rank calls it
+        and gets the same tensors) when the backend shards them."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.raw_model.named_parameters()}
+
+    # -- checkpoints (torch.distributed.checkpoint; DeepSpeed overrides these) -----------
+    def sharded_state(self) -> dict:
+        """Model and optimizer as DCP sees them: keyed by parameter name (the optimizer's
+        state too, not by position), each rank holding its own shards. So one checkpoint
+        loads at any world size, and under either DCP backend (none, fsdp)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save_sharded(self, path: Path) -> None:
+        """Write this rank's shards into directory ``path``; every rank calls it."""
+        dcp_io.save(self.sharded_state(), Path(path), self.env.distributed)
+
+    def async_save_sharded(self, path: Path, group, stager) -> dcp_io.AsyncSaveResponse:
+        """:meth:`save_sharded` in background threads: copy to CPU, then write (see dcp_io)."""
+        return dcp_io.async_save(self.sharded_state(), Path(path), self.env.distributed, group, stager)
+
+    def load_sharded(self, path: Path) -> None:
+        """Restore model and optimizer from directory ``path``, resharded to this world."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self.sharded_state()
+        dcp_io.load(state, Path(path), self.env.distributed)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
