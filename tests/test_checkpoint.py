@@ -92,6 +92,20 @@ def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, 
         trainer.close()
 
 
+def test_a_rollback_target_outlives_retention_and_the_abandoned_timeline_is_deleted(shakespeare_char, tmp_path,
+                                                                                     capsys):
+    """keep=2 with a save every step: the episode's own saves (40, 41) would push step 39, the
+    last checkpoint before it, out of retention. It stays pinned, the run rolls back to it, and
+    the checkpoints of the abandoned timeline are deleted before training goes on."""
+    fit(tiny_config(shakespeare_char, tmp_path, schedule__max_steps=44, schedule__decay="constant", eval__batches=0,
+                    checkpoint__every=1, checkpoint__keep=2, stability__window=32, stability__warmup=20,
+                    faults__spike_at=[40, 41, 42]))
+    decisions = [e for e in read_jsonl(tmp_path / "ledger.jsonl") if e["event"] in ("rollback", "abort")]
+    assert [(e["event"], e["step"], e["to_step"]) for e in decisions] == [("rollback", 42, 39)]
+    assert "deleted steps [40, 41], newer than step 39 (abandoned timeline)" in capsys.readouterr().out
+    assert [s for s, _ in committed(tmp_path / "checkpoints")] == [43, 44]  # unpinned once the episode ended
+
+
 # ---------------------------------------------------------------- bad checkpoints
 
 def damaged_run(local_run: Path, tmp_path: Path, damage) -> Path:

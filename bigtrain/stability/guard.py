@@ -89,6 +89,7 @@ class Guard:
         """
         v, step = self.last, trainer.state.step
         if v.apply:
+            trainer.checkpointer.protect(None)  # no episode: retention may delete any old checkpoint
             self.episode = []
             return False
         where = {"start": int(batch.step_position), "end": int(batch.next_position)}
@@ -98,6 +99,9 @@ class Guard:
         if not self.cfg.enabled:
             return False
         self.episode.append({"step": step, **where})
+        # pin the rollback target, so that this episode's own saves cannot push it out
+        older = [s for s, _ in trainer.checkpointer.committed() if s < self.episode[0]["step"]]
+        trainer.checkpointer.protect(older[-1] if older else None)
         if len(self.episode) < self.cfg.max_consecutive:
             return False
         if len(self.rollbacks) >= self.cfg.max_rollbacks:
