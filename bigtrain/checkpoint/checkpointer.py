@@ -183,10 +183,6 @@ class Checkpointer:
             if self.stager is None:
                 from bigtrain.checkpoint.dcp_io import make_stager
                 self.stager = make_stager(self.env.device)
-            if self.env.device.type == "cuda":
-                # The stager copies on a side stream of its own, which does not wait for the
-                # compute stream: the last update's kernels may still be writing the parameters.
-                torch.cuda.current_stream(self.env.device).synchronize()
             response = backend.async_save_sharded(tmp, self.group, self.stager)
             # The copy to CPU overlaps the next forward and backward; only the update, which
             # would change what is being copied, waits for it.
