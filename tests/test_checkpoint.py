@@ -78,13 +78,13 @@ def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, 
                       model__seq_len=2, batch__global_size=1, batch__micro_size=1, checkpoint__async=True)
     trainer = Trainer(cfg, CPU)
     try:
-        trainer.train_step(trainer.loader.get(0, 1))  # the optimizer has state from here on
-        inputs, targets = next(trainer.loader.get(1, 1).micro_batches(1))
-        trainer.backend.forward_backward(inputs, targets, scale=1.0, last=True)
+        optimizer = trainer.backend.optimizer
+        for p in trainer.model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        optimizer.step()                    # the optimizer has state from here on
         saved = [p.detach().clone() for p in trainer.model.parameters()]
-        trainer.state.step = 1
         trainer.checkpointer.save(1, trainer.parts())  # returns while the 19M-parameter state is being copied
-        trainer.backend.step(1e-3)          # so this update has to wait for the copy
+        optimizer.step()                    # so this update has to wait for the copy
         trainer.checkpointer.wait()
         assert not same_parameters(trainer.model, load_model(tmp_path))
         assert all(torch.equal(p, q) for p, q in zip(load_model(tmp_path).parameters(), saved, strict=True))
