@@ -78,18 +78,32 @@ def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, 
                       model__seq_len=2, batch__global_size=1, batch__micro_size=1, checkpoint__async=True)
     trainer = Trainer(cfg, CPU)
     try:
-        trainer.train_step(trainer.loader.get(0, 1))  # the optimizer has state from here on
-        inputs, targets = next(trainer.loader.get(1, 1).micro_batches(1))
-        trainer.backend.forward_backward(inputs, targets, scale=1.0, last=True)
+        optimizer = trainer.backend.optimizer
+        for p in trainer.model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        optimizer.step()                    # the optimizer has state from here on
         saved = [p.detach().clone() for p in trainer.model.parameters()]
-        trainer.state.step = 1
         trainer.checkpointer.save(1, trainer.parts())  # returns while the 19M-parameter state is being copied
-        trainer.backend.step(1e-3)          # so this update has to wait for the copy
+        optimizer.step()                    # so this update has to wait for the copy
         trainer.checkpointer.wait()
         assert not same_parameters(trainer.model, load_model(tmp_path))
         assert all(torch.equal(p, q) for p, q in zip(load_model(tmp_path).parameters(), saved, strict=True))
     finally:
         trainer.close()
+
+
+def test_a_rollback_target_outlives_retention_and_the_abandoned_timeline_is_deleted(shakespeare_char, tmp_path,
+                                                                                     capsys):
+    """keep=2 with a save every step: the episode's own saves (40, 41) would push step 39, the
+    last checkpoint before it, out of retention. It stays pinned, the run rolls back to it, and
+    the checkpoints of the abandoned timeline are deleted before training goes on."""
+    fit(tiny_config(shakespeare_char, tmp_path, schedule__max_steps=44, schedule__decay="constant", eval__batches=0,
+                    checkpoint__every=1, checkpoint__keep=2, stability__window=32, stability__warmup=20,
+                    faults__spike_at=[40, 41, 42]))
+    decisions = [e for e in read_jsonl(tmp_path / "ledger.jsonl") if e["event"] in ("rollback", "abort")]
+    assert [(e["event"], e["step"], e["to_step"]) for e in decisions] == [("rollback", 42, 39)]
+    assert "deleted steps [40, 41], newer than step 39 (abandoned timeline)" in capsys.readouterr().out
+    assert [s for s, _ in committed(tmp_path / "checkpoints")] == [43, 44]  # unpinned once the episode ended
 
 
 # ---------------------------------------------------------------- bad checkpoints
@@ -146,6 +160,61 @@ def test_fallback_to_an_older_checkpoint_only_when_asked(local_run, shakespeare_
     (event,) = read_jsonl(run / "ledger.jsonl")
     assert event["step"] == 6 and "corrupted" in event["passed_over"][0]
     assert same_parameters(load_model(run), load_model(local_run))  # 6 -> 8 again, bitwise
+
+
+# ---------------------------------------------------------------- the data order
+
+@pytest.fixture(scope="module")
+def other_corpus(tmp_path_factory) -> str:
+    """Another text, same (byte) tokenizer, no val split: ``data.val_fraction`` cuts its tail."""
+    from bigtrain.data.prepare import prepare
+    src = tmp_path_factory.mktemp("other") / "text.txt"
+    src.write_text("".join(f"{i}: the quick brown fox jumps over the lazy dog, {i * i} times\n" for i in range(2000)))
+    prepare(str(src), "bytes", str(src.parent / "prepared"), val_fraction=0.0)
+    return str(src.parent / "prepared")
+
+
+@pytest.fixture(scope="module")
+def cut_run(other_corpus, tmp_path_factory) -> Path:
+    """2 steps on the other corpus with a 10% val tail cut from its train split."""
+    run = tmp_path_factory.mktemp("cut") / "run"
+    fit(tiny_config(other_corpus, run, data__val_fraction=0.1, schedule__max_steps=2))
+    return run
+
+
+CHANGED = {  # run fixture, overrides, what the one line must say
+    "seed": ("local_run", ["seed=8"], "written with seed 7, this run has seed 8"),
+    "corpus": ("local_run", ["data.path={other}"], "written with train shards sha256 "),
+    "sample count": ("cut_run", ["data.path={other}", "data.val_fraction=0.2"],
+                     "written with data.val_fraction 0.1, this run has data.val_fraction 0.2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHANGED))
+def test_resume_on_another_data_order_is_one_line_exit_2(case, request, other_corpus, shakespeare_bytes, tmp_path,
+                                                          capsys):
+    source, extra, message = CHANGED[case]
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(source) / "checkpoints", run / "checkpoints")
+    before = tree(run / "checkpoints")
+    overrides = tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS + 2)
+    code = main(["train", SMOKE, *overrides, *[e.format(other=other_corpus) for e in extra]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err, err
+    assert "set checkpoint.accept_data_change=true if that is intended" in err
+    assert tree(run / "checkpoints") == before  # nothing deleted, nothing replaced
+
+
+def test_an_intended_data_change_resumes_with_the_override(local_run, shakespeare_bytes, tmp_path):
+    shutil.copytree(local_run / "checkpoints", tmp_path / "checkpoints")
+    resumed = fit(tiny_config(shakespeare_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 2,
+                              checkpoint__accept_data_change=True))
+    assert resumed.state.step == STEPS + 2 and sorted(last_losses(tmp_path)) == [STEPS + 1, STEPS + 2]
+    (event,) = read_jsonl(tmp_path / "ledger.jsonl")
+    assert event["event"] == "resume" and event["step"] == STEPS
+    # its own checkpoints carry the new order: going on with seed 8 needs no override any more
+    fit(tiny_config(shakespeare_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 4))
+    assert sorted(last_losses(tmp_path)) == list(range(STEPS + 1, STEPS + 5))
 
 
 # ---------------------------------------------------------------- two processes (backend: fsdp)

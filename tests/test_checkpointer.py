@@ -16,6 +16,7 @@ import torch
 
 from bigtrain.checkpoint import committed
 from bigtrain.config import ConfigError
+from bigtrain.data.order import SampleOrder
 from checkpointer_parts import build, fill, value_of
 from helpers import REPO, rank_env
 
@@ -60,6 +61,23 @@ def test_load_restores_every_part_the_optimizer_and_the_rng(tmp_path, mode):
     for k, v in parts2["model"].optimizer.state[list(parts2["model"].model.parameters())[0]].items():
         assert torch.equal(v, saved_optim[k]), k
     assert torch.equal(torch.rand(4), draws)
+
+
+def test_a_part_that_refuses_its_state_stops_the_load_before_the_shards(tmp_path):
+    """The data order checks its fingerprint: another seed is one line, and the model is untouched."""
+    ckpt, parts = build(tmp_path)
+    fill(parts, 1.0)
+    parts["order"] = SampleOrder(1000, seed=7, skip=[(5, 9)])
+    path = ckpt.save(1, parts)
+    fresh, parts2 = build(tmp_path)
+    fill(parts2, 4.0)
+    parts2["order"] = SampleOrder(1000, seed=8)
+    with pytest.raises(ConfigError, match="written with seed 7, this run has seed 8; set checkpoint.accept_data"):
+        fresh.load(path, parts2)
+    assert value_of(parts2) == 4.0 and parts2["order"].skips == []
+    parts2["order"] = SampleOrder(1000, seed=7)
+    fresh.load(path, parts2)
+    assert value_of(parts2) == 1.0 and parts2["order"].skips == [(5, 9)]
 
 
 def test_retention_keeps_the_newest_and_never_the_protected_one(tmp_path):

@@ -289,7 +289,7 @@ class Checkpointer:
     def resume(self, parts: dict) -> Resumed | None:
         """Per ``checkpoint.resume``: load the chosen checkpoint into ``parts``, or None if
         there is none. First undoes what a crash left half done (see :func:`lifecycle.recover`)."""
-        for line in self._on_main(lambda: lifecycle.recover(self.root), "cleaning up") or []:
+        for line in self._on_main(lambda: lifecycle.recover(self.root), "cleaning up"):
             self._say(f"checkpoint: {line}")
         choice = None
         if self.env.is_main:

@@ -46,6 +46,7 @@ def remove(root: Path, paths: list[Path]) -> None:
     doomed = []
     for path in paths:
         doomed.append(deleting_dir(path))
+        shutil.rmtree(doomed[-1], ignore_errors=True)  # a leftover of an earlier crash, if any
         path.rename(doomed[-1])
     fsync_dir(root)
     for path in doomed:

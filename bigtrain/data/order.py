@@ -125,10 +125,10 @@ class SampleOrder:
             for key, label in FINGERPRINT:
                 theirs, ours = saved.get(key), self.fingerprint.get(key)
                 if theirs != ours:
-                    show = (lambda v: f"{v[:12]}...") if key == "train_sha256" and theirs and ours else str
-                    raise ConfigError(f"the data order was written with {label} {show(theirs)}, this run has "
-                                      f"{label} {show(ours)}; set checkpoint.accept_data_change=true if that is "
-                                      "intended")
+                    if key == "train_sha256":  # enough hex digits to tell two corpora apart
+                        theirs, ours = (f"{v[:12]}..." if v else v for v in (theirs, ours))
+                    raise ConfigError(f"the data order was written with {label} {theirs}, this run has "
+                                      f"{label} {ours}; set checkpoint.accept_data_change=true if that is intended")
         self._starts, self._ends = [], []
         for start, end in state["skips"]:
             self.add_skip(start, end)
