@@ -99,6 +99,14 @@ class DistEnv:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce(t, "max").item() > 0)
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (a picklable value; a collective)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
