@@ -17,8 +17,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from ranks import build, random_batch, run_ranks, train_step, write_record
 
 MODEL = ["model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.seq_len=256", "model.vocab_size=257",

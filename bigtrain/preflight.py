@@ -20,8 +20,10 @@ Each check answers one question a bug would otherwise answer days into training:
                 configured LR is past the point where the loss diverged.
 
 Everything runs in one process, on the configured device, through the same
-:class:`~bigtrain.parallel.backend.LocalBackend` the trainer uses (so autocast,
-clipping and parameter groups are the real ones), whatever ``parallel.backend`` says;
+:class:`~bigtrain.parallel.backend.LocalBackend` and the same step recipe
+(``measure`` then ``update``, or ``discard`` for a non-finite step) the trainer uses,
+so autocast, micro-batching, clipping and parameter groups are the real ones,
+whatever ``parallel.backend`` says;
 ``parallel.compile`` is turned off because compiling would dominate a few-step check.
 """
 from __future__ import annotations

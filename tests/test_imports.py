@@ -19,8 +19,10 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in (ROOT / "bigtrain").rglob("*.py")}
 
 
-def imported(path: Path) -> set[str]:
-    """Every bigtrain module ``path`` imports, wherever the import statement is."""
+def imported(name: str, path: Path) -> set[str]:
+    """Every bigtrain module ``path`` imports, wherever the import statement is. A module's own
+    parent packages are left out: Python initialises them before the module anyway, so
+    ``from bigtrain.checkpoint import lifecycle`` inside the package is no circle."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bigtrain"):
@@ -28,10 +30,10 @@ def imported(path: Path) -> set[str]:
             out |= {f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
-    return out & MODULES.keys()
+    return {m for m in out & MODULES.keys() if not name.startswith(m + ".")}
 
 
-GRAPH = {name: imported(path) for name, path in MODULES.items()}
+GRAPH = {name: imported(name, path) for name, path in MODULES.items()}
 
 
 def reachable(start: str) -> set[str]:

@@ -111,6 +111,8 @@ def test_discard_changes_nothing_and_the_next_update_is_as_if_the_step_never_hap
     assert equal(snapshot(skipping), before)  # parameters, both moments, the step count: bitwise
     assert all(p.grad is None for p in skipping.raw_model.parameters())
     assert stats.grad_norm > 0
+    with pytest.raises(RuntimeError, match="measure"):
+        skipping.update(1e-3, cfg.optim.grad_clip)  # nothing measured since the discard
     for backend in (skipping, plain):
         backend.measure(batch(2, cfg), MICRO)
         backend.update(1e-3, cfg.optim.grad_clip)

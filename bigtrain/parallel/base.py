@@ -88,14 +88,20 @@ class Backend:
     def update(self, lr: float, max_norm: float) -> float:
         """Clip the measured gradients to ``max_norm`` (0: off), step the optimizer at ``lr`` and
         zero the gradients. Returns the clip factor (1.0: not clipped)."""
+        if self._norm is None:
+            raise RuntimeError("Backend.update() needs the gradients of a measure() first")
         factor = self._clip(self._norm, max_norm)
         self._step(lr)
-        self._zero_grad()
+        self.discard()  # the gradients are spent
         return factor
 
     def discard(self) -> None:
         """Drop this step's gradients; parameters, moments and step counts stay as they were."""
         self._zero_grad()
+        self._norm = None  # the next update needs a new measure
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- forward / backward ---------------------------------------------------------
     def autocast(self):
@@ -156,9 +162,6 @@ class Backend:
     def _step(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
-
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

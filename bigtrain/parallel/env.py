@@ -100,6 +100,7 @@ class DistEnv:
         return bool(self.all_reduce(t, "max").item() > 0)
 
     def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (a picklable value; a collective)."""
         if not self.distributed:
             return obj
         box = [obj]
@@ -131,7 +132,11 @@ def _attempt_store(timeout: datetime.timedelta):
     return dist.PrefixStore(f"bigtrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0, group: bool = False) -> DistEnv:
+# How long a collective may wait for a peer before the job fails (a lost rank, a hung node).
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def init_distributed(device_kind: str = "auto", group: bool = False) -> DistEnv:
     """Start the process group when launched with more than one process, or when
     ``group`` (a sharding backend on one process: a group of one, no network).
 
@@ -143,18 +148,17 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0, group:
     if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        timeout = datetime.timedelta(seconds=timeout_s)
         if _in_slurm_step() and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = _slurm_rendezvous()
         # what torchrun would have set; DeepSpeed reads these too
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
         if world == 1:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout, **kwargs)
+                                    timeout=GROUP_TIMEOUT, **kwargs)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group(backend, timeout=timeout, store=_attempt_store(timeout),
+            dist.init_process_group(backend, timeout=GROUP_TIMEOUT, store=_attempt_store(GROUP_TIMEOUT),
                                     rank=rank, world_size=world, **kwargs)
     return DistEnv(rank=rank, world=world, local_rank=local_rank, device=device)
 
@@ -185,11 +189,11 @@ def fail_fast(env: DistEnv):
         os._exit(2 if isinstance(e, ConfigError) else 1)
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
+def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch. Ranks share the seed: the model init must be
-    identical everywhere; per-rank randomness (dropout) is offset by rank."""
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
+    identical everywhere (the trainer reseeds torch per rank afterwards, for dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
