@@ -61,7 +61,7 @@ class Verdict:
 class Guard:
     def __init__(self, cfg: StabilityConfig, env: DistEnv, ledger: Ledger):
         self.cfg, self.env, self.ledger = cfg, env, ledger
-        self.detector = SpikeDetector(cfg.window, cfg.warmup, cfg.threshold)
+        self.detector = SpikeDetector.from_config(cfg)
         self.episode: list[dict] = []    # the current run of consecutive anomalous steps
         self.rollbacks: list[dict] = []  # every rollback so far, with the window it skipped
         self.skipped = 0                 # updates not applied, over the whole run
