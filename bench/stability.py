@@ -171,8 +171,9 @@ def planted_run(data: str, placement: str, fraction: float, tmp: Path) -> dict:
     covered = [(e["start"], e["end"]) for e in anomalies] + [(e["skip_start"], e["skip_end"]) for e in rollbacks]
     positions = [p for s in steps for p in planted[s]["positions"]]
     outside = [e["step"] for e in anomalies if not any(e["start"] <= p < e["end"] for p in positions)]
-    caught = all(any(a <= p < b for a, b in covered) for p in positions) and bool(rollbacks)
-    return {"placement": placement, "fraction": fraction, "steps": steps, "caught": caught,
+    applied = [p for p in positions if not any(a <= p < b for a, b in covered)]
+    return {"placement": placement, "fraction": fraction, "steps": steps, "caught": not applied and bool(rollbacks),
+            "planted_samples": len(positions), "planted_samples_applied": len(applied),
             "anomalous_steps": [e["step"] for e in anomalies], "loss_z": [e.get("loss_z") for e in anomalies],
             "rollbacks": len(rollbacks), "anomalies_outside_window": outside, "aborted": aborted}
 

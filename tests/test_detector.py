@@ -47,10 +47,24 @@ def test_a_jump_of_k_spreads_is_a_spike_exactly_above_the_threshold():
     kind, details = det.judge(expected + 6.1 * spread, 1.0)
     assert kind == SPIKE and details["loss_z"] == pytest.approx(6.1, abs=1e-3)
     assert details["expected"] == pytest.approx(expected) and details["spread"] == pytest.approx(spread)
-    assert det.state_dict() == before                 # an anomaly never joins the history
+    after = det.state_dict()                          # an anomaly never joins the history
+    assert (after["seen"], after["losses"], after["errors"]) == (before["seen"], before["losses"], before["errors"])
+    det.load_state_dict(before)
     assert det.judge(expected + 5.9 * spread, 1.0)[0] == OK
     det.load_state_dict(before)
     assert det.judge(expected - 50 * spread, 1.0)[0] == OK  # only upward deviations count
+
+
+def test_right_after_a_spike_half_the_threshold_is_enough():
+    det = SpikeDetector(window=8, warmup=10, threshold=6.0, trend=8, min_spread=0.0)
+    feed(det, zigzag(40, d=0.05))
+    expected, spread = 4.0 - 0.01 * 40, 1.4826 * 0.05
+    before = det.state_dict()
+    assert det.judge(expected + 3.1 * spread, 1.0)[0] == OK   # on its own: noise
+    det.load_state_dict(before)
+    assert det.judge(expected + 6.1 * spread, 1.0)[0] == SPIKE
+    assert det.judge(expected + 3.1 * spread, 1.0)[0] == SPIKE  # right after a spike: the same bad run
+    assert det.judge(expected + 2.9 * spread, 1.0)[0] == OK     # below half the bar: the run is over
 
 
 def test_the_spread_is_floored_relative_to_the_level():
@@ -101,12 +115,13 @@ def test_a_resumed_detector_decides_alike():
     series[300:303] = [s + 1.0 for s in series[300:303]]
     whole = SpikeDetector()
     verdicts = [whole.judge(x, 1.0) for x in series]
-    first = SpikeDetector()
-    feed(first, series[:250])
-    resumed = SpikeDetector()
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain data, as a checkpoint holds
-    assert [resumed.judge(x, 1.0) for x in series[250:]] == verdicts[250:]
     assert [v[0] for v in verdicts[300:303]] == [SPIKE] * 3
+    for stop in (250, 301):  # a resume in a quiet stretch, and one in the middle of the spikes
+        first = SpikeDetector()
+        feed(first, series[:stop])
+        resumed = SpikeDetector()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain data, as a checkpoint holds
+        assert [resumed.judge(x, 1.0) for x in series[stop:]] == verdicts[stop:]
 
 
 def test_from_config_uses_every_stability_setting():
