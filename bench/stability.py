@@ -32,6 +32,7 @@ JSON there and reuses it on the next call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -149,7 +150,7 @@ def clean(names: list[str], traces: Path, tmp: Path) -> dict:
     out = {}
     for name in names:
         trace = clean_trace(name, traces, tmp)
-        out[name] = {**replay(trace, StabilityConfig()), "train_s": trace["seconds"]}
+        out[name] = {**replay(trace, StabilityConfig()), "train_s": round(trace["seconds"])}
     steps = sum(r["steps"] for r in out.values())
     total = {k: sum(r[k] for r in out.values()) for k in ("steps", "skips", "rollbacks", "aborts")}
     return {"shapes": out, "total": {**total, "skip_rate_pct": round(100 * total["skips"] / steps, 4)}}
@@ -243,11 +244,12 @@ def main() -> None:
     (traces / "data").mkdir(parents=True, exist_ok=True)
     defaults = StabilityConfig().model_dump(exclude={"enabled", "trace_anomalies"})
     cases = QUICK_DETECTION if args.quick else [(p, f) for p in PLACEMENTS for f in FRACTIONS]
-    out = {"threads": torch.get_num_threads(), "stability": defaults,
-           "clean": clean(QUICK_SHAPES if args.quick else list(SHAPES), traces, tmp),
-           "detection": detection(cases, traces, tmp),
-           "cost": cost(["smoke"] if args.quick else list(MODELS), corpus("stdlib", "bytes", traces / "data"),
-                        tmp, args.steps, args.calls)}
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's own lines; stdout is the JSON
+        out = {"threads": torch.get_num_threads(), "stability": defaults,
+               "clean": clean(QUICK_SHAPES if args.quick else list(SHAPES), traces, tmp),
+               "detection": detection(cases, traces, tmp),
+               "cost": cost(["smoke"] if args.quick else list(MODELS), corpus("stdlib", "bytes", traces / "data"),
+                            tmp, args.steps, args.calls)}
     print(json.dumps(out, indent=1))
 
 

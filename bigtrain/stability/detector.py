@@ -49,7 +49,7 @@ For a quieter run where you want smaller anomalies caught, lower ``min_spread``
 (the floor is what limits a quiet run) and then ``threshold``. A longer ``trend``
 averages more noise out of the expectation but follows a curving loss less well.
 
-Plain Python and numpy on numbers every rank already agrees on (the globally
+Plain Python on numbers every rank already agrees on (the globally
 reduced loss and gradient norm), O(``window``) per step: every rank reaches the
 same verdict, and a resumed run, given :meth:`SpikeDetector.state_dict`, too.
 """
@@ -57,8 +57,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-
-import numpy as np
+from statistics import median
 
 OK, SPIKE, NONFINITE = "ok", "spike", "nonfinite"
 
@@ -71,22 +70,22 @@ MAD_TO_SIGMA = 1.4826
 
 def robust_stats(values) -> tuple[float, float]:
     """(median, robust sigma) of ``values``: sigma = 1.4826 * median(|x - median|)."""
-    x = np.asarray(values, dtype=np.float64)
-    median = float(np.median(x))
-    return median, MAD_TO_SIGMA * float(np.median(np.abs(x - median)))
+    center = median(values)
+    return center, MAD_TO_SIGMA * median([abs(x - center) for x in values])
 
 
 def trend_next(values) -> float:
     """The next value of ``values`` (equally spaced) by Tukey's resistant line: the slope
     joins the medians of the first and last thirds, the intercept is the median residual.
     One outlier among the points moves it little; fewer than 3 points give their median."""
-    y = np.asarray(values, dtype=np.float64)
+    y = list(values)
     n = len(y)
     if n < 3:
-        return float(np.median(y))
-    third, x = n // 3, np.arange(n)
-    slope = (np.median(y[-third:]) - np.median(y[:third])) / (np.median(x[-third:]) - np.median(x[:third]))
-    return float(np.median(y - slope * x) + slope * n)
+        return median(y)
+    third = n // 3
+    # the x of a third is the median of its indices: (third - 1) / 2 and n - 1 - (third - 1) / 2
+    slope = (median(y[-third:]) - median(y[:third])) / (n - third)
+    return median([v - slope * x for x, v in enumerate(y)]) + slope * n
 
 
 class SpikeDetector:
@@ -111,9 +110,8 @@ class SpikeDetector:
         # at least 2 errors, so that a MAD exists (warmup >= 1 and a short trend could allow fewer)
         return self.seen >= self.warmup and len(self.errors) >= 2
 
-    def score(self, loss: float) -> dict:
-        """The expected loss, the spread and the loss's z-score against them."""
-        expected = trend_next(self.losses)
+    def score(self, loss: float, expected: float) -> dict:
+        """The loss's z-score against the trend's ``expected`` loss and the errors' spread."""
         bias, spread = robust_stats(self.errors)
         spread = max(spread, self.min_spread * abs(expected), 1e-12)
         return {"loss_z": (loss - expected - bias) / spread, "expected": expected + bias, "spread": spread}
@@ -122,14 +120,15 @@ class SpikeDetector:
         """The verdict on one step and the numbers behind a spike; a normal step joins the history."""
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return NONFINITE, {}
+        expected = trend_next(self.losses) if self.losses else loss
         if self.warm:
-            score = self.score(loss)
+            score = self.score(loss, expected)
             if score["loss_z"] > self.threshold * (AFTER_SPIKE if self.after_spike else 1.0):
                 self.after_spike = True
                 return SPIKE, {k: round(v, 6) for k, v in score.items()}
         self.after_spike = False
         if self.losses:
-            self.errors.append(loss - trend_next(self.losses))
+            self.errors.append(loss - expected)
         self.losses.append(loss)
         self.seen += 1
         return OK, {}
