@@ -1,20 +1,20 @@
 """Is the spike guard precise enough to leave on? False alarms on clean runs, detection
 of real bad data, and its cost per step.
 
-    python bench/stability.py [--quick] [--traces DIR] [--data DIR]
+    python bench/stability.py [--quick] [--traces DIR]
 
 Prints one JSON object with three parts:
 
 * ``clean``: false alarms with the default ``stability`` settings on clean runs of
-  several shapes (tokenizer, batch 8-64, 0.8M-30M parameters, 150-3000 steps, the
-  smoke config under several seeds). Each shape is trained once with the guard off
-  and ``logging.every=1``; the detector, a pure function of the (loss, grad norm)
-  series, is then replayed on it. Per shape and in total: skips, would-be rollbacks
-  (``max_consecutive`` anomalies in a row) and aborts (rollbacks past
-  ``max_rollbacks``; without checkpoints, as with the default ``checkpoint.every:
-  0``, every rollback is an abort), and the skip rate. A replay keeps going after
-  an alarm, where a real run would have changed course; on a clean run there
-  should be none.
+  several shapes (bytes/char/BPE tokenizers, batch 8-64, 0.25M-28.5M parameters,
+  150-3000 steps with warm-up then cosine, the smoke config under 3 seeds). Each
+  shape is trained once with the guard off and ``logging.every=1``; the detector,
+  a pure function of the (loss, grad norm) series, is then replayed on it. Per
+  shape and in total: skips, would-be rollbacks (``max_consecutive`` anomalies in a
+  row) and aborts (rollbacks past ``max_rollbacks``; without checkpoints, as with
+  the default ``checkpoint.every: 0``, every rollback is an abort), and the skip
+  rate. A replay keeps going after an alarm, where a real run would have changed
+  course; on a clean run there should be none.
 * ``detection``: real guarded runs of a small char-level model on a copy of the
   corpus in which random tokens were written (bench/garbage.py) over all, or a
   fraction, of the samples that 5 consecutive steps read, early (right after the
@@ -24,10 +24,11 @@ Prints one JSON object with three parts:
 * ``cost``: the guard's time per step (``judge`` + ``after_step`` with a full
   window) against bigtrain's real ``train_step`` on the smoke and 30M models.
 
-Time on an idle 2-core CPU: about 12 minutes in full (most of it the 30M and
-3000-step clean traces), under 3 minutes with ``--quick`` (one smoke trace, 3
-detection runs, the smoke model's cost). ``--traces DIR`` keeps each clean trace as
-JSON there and reuses it on the next call.
+Cost: about 15 minutes of one CPU core in full, a third of it the 30M trace (on
+this 2-core machine shared five ways the clean traces took 53 minutes of wall
+time); ``--quick`` (one smoke trace, 3 detection runs, the smoke model's cost)
+about 1.5 minutes of CPU. ``--traces DIR`` keeps each clean trace (and the
+prepared corpora) there and reuses them on the next call.
 """
 from __future__ import annotations
 
