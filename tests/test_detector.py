@@ -18,8 +18,8 @@ from garbage import plant  # noqa: E402  (the benchmarks' planting, one copy)
 
 
 def zigzag(n: int, start: float = 4.0, slope: float = -0.01, d: float = 0.05) -> list[float]:
-    """A straight descent with +-d alternating noise: with an even ``trend`` the resistant line
-    through any stretch of it is the noise-free line, and every one-step error is +-d."""
+    """A straight descent with +-d alternating noise. With trend 8 (thirds of 2 points) the
+    resistant line through any 8 of its steps is the noise-free line: every error is +-d."""
     return [start + slope * t + d * (-1) ** t for t in range(n)]
 
 
