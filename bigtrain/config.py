@@ -171,10 +171,13 @@ class CheckpointConfig(Section):
 
 
 class StabilityConfig(Section):
+    """The spike/NaN guard; the rule and how to tune it: bigtrain/stability/detector.py."""
     enabled: bool = Field(True, description="spike/NaN detection and the skip/rollback/abort guard")
-    window: int = Field(128, ge=2, description="steps of loss/grad-norm history for the robust statistics")
-    warmup: int = Field(64, ge=1, description="steps of warm-in before spikes are judged")
-    threshold: float = Field(6.0, gt=0, description="robust standard deviations above the window's median")
+    threshold: float = Field(6.0, gt=0, description="a spike: the loss this many spreads above its trend's expectation")
+    trend: int = Field(8, ge=2, description="last normal losses the expected loss is extrapolated from (a resistant line)")
+    window: int = Field(128, ge=2, description="last one-step errors of that expectation the spread is measured on")
+    min_spread: float = Field(0.01, ge=0, description="floor of the spread, as a fraction of the expected loss")
+    warmup: int = Field(10, ge=1, description="normal steps seen before spikes are judged (NaN/inf always are)")
     max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks in one chain before the run aborts; a chain ends once the replay has made `window` normal steps from where its first episode began")
     rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")

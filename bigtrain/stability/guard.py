@@ -82,7 +82,7 @@ class Decision:
 class Guard:
     def __init__(self, cfg: StabilityConfig, env: DistEnv, ledger: Ledger):
         self.cfg, self.env, self.ledger = cfg, env, ledger
-        self.detector = SpikeDetector(cfg.window, cfg.warmup, cfg.threshold)
+        self.detector = SpikeDetector.from_config(cfg)
         self.episode: list[dict] = []    # the open episode: consecutive anomalous steps
         self.chain: dict | None = None   # {"start", "rollbacks", "normal"}: the rollbacks that count together
         self.rollbacks: list[dict] = []  # every rollback of the run, for the abort message
