@@ -7,14 +7,19 @@ can be *replayed*. We walk the run from step 0 with the resolved config in
 included) and apply the ledger's events in the order they happened:
 
 * ``rollback`` at step s to step t: the run trained up to s, went back to the
-  state it had after step t, and added the skipped window to the skip ledger;
+  state it had after step t, and added the skipped window to the skip ledger
+  (with every window earlier rollbacks skipped: the guard remembers them);
+* ``culprits`` at step s, right after the rollback it refines: only these single
+  stream positions were skipped (the samples that stood out when the episode was
+  scored, see ``bigtrain.stability.culprits``); they are shown as skipped culprits;
 * ``resume`` at step r: a restarted run went back to the state after step r
   (whatever the crashed process did past its last checkpoint is gone);
 * ``spike`` / ``nonfinite`` / ``skip``: mark what happened to that training of the step.
 
 A step that was trained more than once (before and after a rollback) is shown
 once per *attempt*, oldest first: the attempt that spiked is usually the one a
-user wants to read.
+user wants to read; after a culprit skip the next attempt shows what the step
+read instead.
 """
 from __future__ import annotations
 
@@ -56,18 +61,20 @@ class Replay:
         self.now = _Point()
         self.points = {0: self._snapshot()}
         self.attempts: list[Attempt] = []
+        self.culprits: dict[int, float] = {}  # stream position -> score, of every culprit skipped
 
     def _snapshot(self) -> tuple[_Point, list]:
         p = self.now
         return _Point(p.step, p.position, p.samples, list(p.windows)), self.order.skips
 
     def _restore(self, step: int, extra_window: tuple[int, int] | None = None) -> None:
+        """Back to the state after ``step``: a resume forgets what the run learnt since (the
+        checkpoint's guard state is all it has); a rollback (``extra_window``) keeps it."""
         if step not in self.points:
             raise ConfigError(f"ledger refers to step {step}, which the replay never reached")
         point, skips = self.points[step]
-        self.now = _Point(point.step, point.position, point.samples, list(point.windows))
-        if extra_window is not None:
-            self.now.windows.append(extra_window)
+        windows = list(point.windows) if extra_window is None else self.now.windows + [extra_window]
+        self.now = _Point(point.step, point.position, point.samples, windows)
         self.order = SampleOrder(self.order.num_samples, self.order.seed, skips)
         for start, end in self.now.windows:
             self.order.add_skip(start, end)
@@ -88,11 +95,17 @@ class Replay:
 
     def apply(self, event: dict) -> None:
         kind, step = event.get("event"), int(event.get("step", 0))
-        if kind not in ("rollback", "resume", "spike", "nonfinite", "skip"):
+        if kind not in ("rollback", "culprits", "resume", "spike", "nonfinite", "skip"):
             return
-        self.advance(step)
+        if kind != "culprits":  # a culprits event refines the rollback just replayed: the run is back at to_step
+            self.advance(step)
         if kind == "rollback":
             self._restore(int(event["to_step"]), (int(event["skip_start"]), int(event["skip_end"])))
+        elif kind == "culprits":
+            for position, score in zip(event["positions"], event["scores"]):
+                self.culprits[int(position)] = float(score)
+                self.now.windows.append((int(position), int(position) + 1))
+                self.order.add_skip(int(position), int(position) + 1)
         elif kind == "resume":
             self._restore(step)
         elif step == self.target and self.attempts and not self.attempts[-1].superseded:
@@ -102,8 +115,8 @@ class Replay:
                 self.attempts[-1].verdict = kind
 
 
-def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
-    """Everything ``bigtrain inspect`` prints, as a dict."""
+def _replay(run_dir: str, step: int, data: str | None):
+    """(config, prepared data, train split, replay up to ``step``) of a run directory."""
     from bigtrain.trainer import open_splits
 
     run = Path(run_dir)
@@ -122,7 +135,16 @@ def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 
     for event in Ledger(run, enabled=False).events():
         replay.apply(event)
     replay.advance(step)
+    return cfg, prepared, train, replay
 
+
+def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
+    """Everything ``bigtrain inspect`` prints, as a dict."""
+    return _report(run_dir, step, *_replay(run_dir, step, data), chars)
+
+
+def _report(run_dir: str, step: int, cfg, prepared, train, replay, chars: int) -> dict:
+    seq, run = cfg.model.seq_len, Path(run_dir)
     tokenizer = prepared.tokenizer
     attempts = []
     for a in replay.attempts:
@@ -130,7 +152,8 @@ def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 
         rows = []
         for position, sample in zip(a.positions, samples):
             text = tokenizer.decode(train.sample(sample, seq).tolist())
-            rows.append({"position": position, "sample": sample, "text": text[:chars] if chars else text})
+            rows.append({"position": position, "sample": sample, "text": text[:chars] if chars else text,
+                         "culprit": replay.culprits.get(position)})
         attempts.append({"start": a.start, "end": a.end,
                          "batch_size": len(a.positions), "verdict": a.verdict, "skipped": a.skipped,
                          "superseded": a.superseded, "samples": rows})
@@ -146,5 +169,53 @@ def format_report(report: dict) -> str:
         lines.append(f"step {report['step']}, attempt {i} of {n}: {a['batch_size']} samples, stream positions "
                      f"{a['start']}..{a['end'] - 1} ({', '.join(notes)})")
         for row in a["samples"]:
-            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  {json.dumps(row['text'])}")
+            mark = f"  CULPRIT, skipped (score {row['culprit']:.3f})" if row.get("culprit") is not None else ""
+            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  {json.dumps(row['text'])}{mark}")
+    return "\n".join(lines)
+
+
+def bisect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
+    """``bigtrain bisect``: score what step ``step`` read last (its newest attempt) under the newest
+    committed checkpoint before it, in this process on the CPU, and name the culprits
+    (:mod:`bigtrain.stability.culprits`)."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from bigtrain.checkpoint import committed, load_model
+    from bigtrain.parallel.env import DistEnv
+    from bigtrain.stability.culprits import choose, score_samples
+
+    replayed = _replay(run_dir, step, data)
+    cfg, train = replayed[0], replayed[2]
+    report = _report(run_dir, step, *replayed, chars)
+    before = [s for s, _ in committed(Path(run_dir) / "checkpoints") if s < step]
+    if not before:
+        raise ConfigError(f"{run_dir!r} has no committed checkpoint before step {step} to score it with")
+    rows = report["attempts"][-1]["samples"]
+    positions = np.array([r["position"] for r in rows], dtype=np.int64)
+    samples = np.array([r["sample"] for r in rows], dtype=np.int64)
+    cpu = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    scores = score_samples(load_model(run_dir, before[-1]), contextlib.nullcontext, cpu, train,
+                           cfg.model.seq_len, cfg.batch.micro_size, [(positions, samples)])
+    found = choose(scores, positions)
+    culprits = set(found.positions) if found else set()
+    for row, score in zip(rows, scores.tolist()):
+        row.update(score=score, culprit=row["position"] in culprits)
+    clean = [r["score"] for r in rows if not r["culprit"]]
+    return {"run_dir": report["run_dir"], "step": step, "checkpoint_step": before[-1],
+            "attempt": len(report["attempts"]), "median": float(np.median(clean)),
+            "culprits": sorted(culprits), "samples": rows}
+
+
+def format_bisect(report: dict) -> str:
+    culprits = [r for r in report["samples"] if r["culprit"]]
+    rest = [r["score"] for r in report["samples"] if not r["culprit"]]
+    lines = [f"step {report['step']} (attempt {report['attempt']}), scored under the checkpoint of step "
+             f"{report['checkpoint_step']}: {len(culprits)} culprit(s) in {len(report['samples'])} samples; "
+             f"the others' mean cross-entropy: median {report['median']:.3f}, max {max(rest):.3f} nats/token"]
+    for row in culprits:
+        lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  score {row['score']:.3f}  "
+                     f"{json.dumps(row['text'])}")
     return "\n".join(lines)

@@ -66,6 +66,7 @@ class Guard:
         self.rollbacks: list[dict] = []  # every rollback so far, with the window it skipped
         self.skipped = 0                 # updates not applied, over the whole run
         self.last: Verdict | None = None
+        self.batches: list = []          # TEMPORARY (culprits branch): the episode's (positions, samples)
 
     # ------------------------------------------------------------------ per step
     def judge(self, loss: float, grad_norm: float, local_nonfinite: bool) -> Verdict:
@@ -89,7 +90,7 @@ class Guard:
         """
         v, step = self.last, trainer.state.step
         if v.apply:
-            self.episode = []
+            self.episode, self.batches = [], []
             return False
         where = {"start": int(batch.step_position), "end": int(batch.next_position)}
         self.ledger.record(v.kind, step, loss=v.loss, grad_norm=v.grad_norm, **v.details, **where)
@@ -98,6 +99,7 @@ class Guard:
         if not self.cfg.enabled:
             return False
         self.episode.append({"step": step, **where})
+        self.batches.append((batch.positions, batch.samples))
         if len(self.episode) < self.cfg.max_consecutive:
             return False
         if len(self.rollbacks) >= self.cfg.max_rollbacks:
@@ -119,14 +121,29 @@ class Guard:
         trainer.checkpointer.load(trainer, path)  # model, optimizer, state, skips, detector, RNG
         self.rollbacks, self.skipped, self.episode = rollbacks, skipped, []
         entry = {"step": step, "to_step": to_step, "skip_start": trainer.state.position, "skip_end": skip_end}
+        # TEMPORARY hook (culprits branch) until the loop's pluggable skip policy lands: score the
+        # episode's batches under the restored model and skip only the samples that stand out.
+        found = None
+        if self.cfg.skip == "culprits" and len(self.batches) == count:
+            from bigtrain.stability.culprits import find_culprits
+            found = find_culprits(trainer.backend, self.env, trainer.train_split, trainer.cfg.model.seq_len,
+                                  trainer.cfg.batch.micro_size, self.batches)
+        self.batches = []
+        if found is not None:
+            entry.update(skip_end=entry["skip_start"], positions=found.positions)
         self.rollbacks.append(entry)
         for r in self.rollbacks:  # the checkpoint may predate earlier rollbacks too
             trainer.order.add_skip(r["skip_start"], r["skip_end"])
-        self.ledger.record("rollback", step, **{k: v for k, v in entry.items() if k != "step"},
+            for p in r.get("positions", ()):
+                trainer.order.add_skip(p, p + 1)
+        self.ledger.record("rollback", step, **{k: v for k, v in entry.items() if k not in ("step", "positions")},
                            rollbacks=len(self.rollbacks), checkpoint=str(path))
+        skipped_what = f"stream positions [{entry['skip_start']}, {skip_end})"
+        if found is not None:
+            self.ledger.record("culprits", step, **found.ledger_fields())
+            skipped_what = f"{len(found.positions)} culprit sample(s) at stream positions {found.positions}"
         trainer.metrics.text(f"stability: step {step}: {count} "
-                             f"anomalous steps in a row; rolled back to step {to_step} and skipped stream "
-                             f"positions [{entry['skip_start']}, {skip_end})")
+                             f"anomalous steps in a row; rolled back to step {to_step} and skipped {skipped_what}")
 
     def abort(self, trainer, reason: str) -> None:
         step = trainer.state.step
