@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_culprits.py: find_culprits on 2 ranks with FSDP.
+"""Run under torchrun by tests/test_culprits.py: find_culprits on 2 ranks with FSDP (or BACKEND).
 
 Loads the consolidated weights of a checkpoint, shards them with the FSDP backend and
 scores the global batches given as JSON lists of stream positions. Each rank writes
@@ -21,8 +21,8 @@ from bigtrain.stability.culprits import find_culprits
 from bigtrain.trainer import open_splits
 
 
-def main(run_dir: str, step: str, out: str, batches: str) -> None:
-    cfg = load_config(Path(run_dir) / "config.yaml", overrides=["parallel.backend=fsdp"])
+def main(run_dir: str, step: str, out: str, batches: str, backend: str = "fsdp") -> None:
+    cfg = load_config(Path(run_dir) / "config.yaml", overrides=[f"parallel.backend={backend}"])
     env = init_distributed("cpu", group=True)
     _, train, _ = open_splits(cfg, verify=False)
     order = SampleOrder(train.num_samples(cfg.model.seq_len), cfg.seed)
