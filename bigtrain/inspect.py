@@ -24,7 +24,7 @@ read instead.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bigtrain.config import ConfigError, load_config
@@ -49,7 +49,7 @@ class _Point:
     step: int = 0
     position: int = 0
     samples: int = 0
-    windows: list = field(default_factory=list)  # rollback windows known at this point
+    windows: tuple = ()  # rollback windows known at this point (shared between points, never mutated)
 
 
 class Replay:
@@ -58,14 +58,24 @@ class Replay:
     def __init__(self, num_samples: int, cfg, target: int):
         self.cfg, self.target = cfg, target
         self.order = SampleOrder(num_samples, cfg.seed)
+        self._skips: list | None = None  # self.order.skips, shared by every point until the ledger changes
         self.now = _Point()
         self.points = {0: self._snapshot()}
         self.attempts: list[Attempt] = []
         self.culprits: dict[int, float] = {}  # stream position -> score, of every culprit skipped
 
     def _snapshot(self) -> tuple[_Point, list]:
+        """O(1) per step however many (single-position) skips the run holds: nothing is copied."""
+        if self._skips is None:
+            self._skips = self.order.skips
         p = self.now
-        return _Point(p.step, p.position, p.samples, list(p.windows)), self.order.skips
+        return _Point(p.step, p.position, p.samples, p.windows), self._skips
+
+    def _skip(self, windows: tuple) -> None:
+        self.now.windows += windows
+        for start, end in windows:
+            self.order.add_skip(start, end)
+        self._skips = None
 
     def _restore(self, step: int, extra_window: tuple[int, int] | None = None) -> None:
         """Back to the state after ``step``: a resume forgets what the run learnt since (the
@@ -73,11 +83,10 @@ class Replay:
         if step not in self.points:
             raise ConfigError(f"ledger refers to step {step}, which the replay never reached")
         point, skips = self.points[step]
-        windows = list(point.windows) if extra_window is None else self.now.windows + [extra_window]
-        self.now = _Point(point.step, point.position, point.samples, windows)
+        windows = point.windows if extra_window is None else self.now.windows + (extra_window,)
+        self.now = _Point(point.step, point.position, point.samples)
         self.order = SampleOrder(self.order.num_samples, self.order.seed, skips)
-        for start, end in self.now.windows:
-            self.order.add_skip(start, end)
+        self._skip(windows)
         if step < self.target:
             for a in self.attempts:
                 a.superseded = True
@@ -102,10 +111,8 @@ class Replay:
         if kind == "rollback":
             self._restore(int(event["to_step"]), (int(event["skip_start"]), int(event["skip_end"])))
         elif kind == "culprits":
-            for position, score in zip(event["positions"], event["scores"]):
-                self.culprits[int(position)] = float(score)
-                self.now.windows.append((int(position), int(position) + 1))
-                self.order.add_skip(int(position), int(position) + 1)
+            self.culprits.update({int(p): float(s) for p, s in zip(event["positions"], event["scores"])})
+            self._skip(tuple((int(p), int(p) + 1) for p in event["positions"]))
         elif kind == "resume":
             self._restore(step)
         elif step == self.target and self.attempts and not self.attempts[-1].superseded:

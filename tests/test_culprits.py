@@ -140,3 +140,17 @@ def test_many_single_skipped_positions_merge_and_batches_step_over_them():
         batch, position = order.next_batch(position, 64)
         got.extend(batch.tolist())
     assert got[:15_000] == free[:15_000].tolist()
+
+
+def test_inspect_replay_keeps_every_skip_across_rollbacks_to_the_same_checkpoint(tmp_path):
+    """The guard re-applies every earlier rollback's skips after loading an older checkpoint;
+    the replay must too, or a second rollback to step 20 would forget the first one's culprits."""
+    from bigtrain.inspect import Replay
+    replay = Replay(10_000, tiny_config("unused", tmp_path), target=21)
+    for event in [{"event": "rollback", "step": 30, "to_step": 20, "skip_start": 160, "skip_end": 160},
+                  {"event": "culprits", "step": 30, "positions": [160, 163], "scores": [9.0, 9.0]},
+                  {"event": "rollback", "step": 25, "to_step": 20, "skip_start": 164, "skip_end": 200}]:
+        replay.apply(event)
+    replay.advance(21)
+    assert [a.positions for a in replay.attempts] == [list(range(160, 168)), [161, 162, 164, 165, 166, 167, 168, 169],
+                                                      [161, 162] + list(range(200, 206))]
