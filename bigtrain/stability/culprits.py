@@ -10,10 +10,13 @@ pre-episode model and skip only the ones that stand out.
 The score is a sample's mean next-token cross-entropy (nats per token) under that
 model. Bad data that makes a loss spike (random bytes, binary junk, another
 language, a broken tokenizer's output) is data the model cannot predict, so its
-per-sample loss is far above the rest of the batch. (A per-sample gradient score
-would also catch bad data whose loss is not high, at the price of a backward per
-sample; on the planted-garbage benchmarks the loss alone finds every planted
-sample with no clean one flagged, so it is not computed; see bench/culprits.py.)
+per-sample loss is far above the rest of the batch. On the planted-garbage
+benchmarks (bench/culprits.py) the loss alone finds every planted sample and flags
+no clean one, so no second score is computed. What it cannot see is low-entropy
+junk (one token repeated): its loss is ordinary, only its gradient is large (a
+per-sample gradient norm would find it, at a backward per sample and with
+gradients kept per rank, which FSDP and ZeRO reduce away). Such an episode yields
+no culprit, and the guard falls back to skipping the window: never worse than before.
 
 The rule (:func:`choose`) is Rosner's generalised extreme-studentised-deviate
 test with robust statistics: for ``i = 1 .. n/2``, drop the ``i - 1`` highest
@@ -50,12 +53,12 @@ class Culprits:
     scores: list[float]    # their mean cross-entropy, nats per token, in the order of ``positions``
     median: float          # median score of the samples kept: the reference
     sigma: float           # their robust sigma (1.4826 MAD)
-    forwards: int          # sample forwards the search ran over all ranks (its cost)
+    scored: int            # samples scored, one forward each, over all ranks (the search's cost)
 
     def ledger_fields(self) -> dict:
         """What the ledger's ``culprits`` event holds besides its step."""
         return {"positions": self.positions, "scores": [round(s, 4) for s in self.scores],
-                "median": round(self.median, 4), "sigma": round(self.sigma, 4)}
+                "median": round(self.median, 4), "sigma": round(self.sigma, 4), "scored": self.scored}
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -91,7 +94,9 @@ def score_samples(model: torch.nn.Module, autocast, env: DistEnv, split, seq_len
     would read them, so no rank reads another's rows. Every rank runs the same number of
     forwards (global batch sizes divide by the world size, so every rank holds the same
     number of rows): FSDP and ZeRO-3 forwards are collectives. The scores are gathered with
-    one all-reduce of a zero-filled global vector, in fp32 on ``env.device`` (nccl on GPU).
+    one all-reduce of a zero-filled global vector, in fp32 on ``env.device`` (nccl on GPU):
+    every entry has one non-zero term, so the sum is exact and every rank decides on the
+    very same numbers.
     """
     samples = [np.asarray(s) for _, s in batches]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in samples])]).astype(np.int64)
