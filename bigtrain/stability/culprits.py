@@ -33,7 +33,6 @@ Cost: one forward per sample of the episode, no backward: with an episode of
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +68,8 @@ def _robust(x: np.ndarray) -> tuple[float, float]:
 def choose(scores: np.ndarray, positions: np.ndarray) -> Culprits | None:
     """The culprits among samples with these ``scores`` (see the module docstring), or None."""
     scores, positions = np.asarray(scores, dtype=np.float64), np.asarray(positions, dtype=np.int64)
+    if not np.isfinite(scores).all():  # the restored model itself is broken: no ranking to trust
+        return None
     order = np.argsort(scores, kind="stable")
     ranked = scores[order]
     n, found = len(ranked), 0
@@ -77,7 +78,7 @@ def choose(scores: np.ndarray, positions: np.ndarray) -> Culprits | None:
         gap = ranked[n - i] - med
         if gap > FLOOR and gap > THRESHOLD * sigma:
             found = i
-    if not found or not np.isfinite(ranked).all():
+    if not found:
         return None
     med, sigma = _robust(ranked[:n - found])
     top = np.sort(order[n - found:])
@@ -125,6 +126,5 @@ def find_culprits(backend, env: DistEnv, split, seq_len: int, micro_size: int,
     """The samples of ``batches`` (each a global batch's stream positions and sample indices)
     that stand out under the backend's current model, the same on every rank; None when none
     does (the caller then skips the whole window). Every rank must call it."""
-    autocast = getattr(backend, "autocast", contextlib.nullcontext)
-    scores = score_samples(backend.model, autocast, env, split, seq_len, micro_size, batches)
+    scores = score_samples(backend.model, backend.autocast, env, split, seq_len, micro_size, batches)
     return choose(scores, np.concatenate([np.asarray(p) for p, _ in batches]))
