@@ -170,7 +170,7 @@ def planted_run(data: str, placement: str, fraction: float, tmp: Path) -> dict:
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     anomalies = [e for e in ledger if e["event"] in ("spike", "nonfinite")]
     rollbacks = [e for e in ledger if e["event"] == "rollback"]
-    covered = [(e["start"], e["end"]) for e in anomalies] + [(e["skip_start"], e["skip_end"]) for e in rollbacks]
+    covered = [(e["start"], e["end"]) for e in anomalies] + [tuple(s) for e in rollbacks for s in e["skips"]]
     positions = [p for s in steps for p in planted[s]["positions"]]
     outside = [e["step"] for e in anomalies if not any(e["start"] <= p < e["end"] for p in positions)]
     applied = [p for p in positions if not any(a <= p < b for a, b in covered)]

@@ -80,6 +80,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bisect(args) -> int:
+    import json
+
+    from bigtrain.inspect import bisect_step, format_bisect
+    report = bisect_step(args.run_dir, args.step, args.data, args.chars)
+    print(json.dumps(report) if args.json else format_bisect(report))
+    return 0
+
+
 def cmd_preflight(args) -> int:
     import json
 
@@ -146,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bisect", help="score a step's samples under the checkpoint before it and name the "
+                                      "ones that made it spike (the culprits)")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--data", help="the prepared data dir, if it moved since the run")
+    p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bisect)
 
     p = sub.add_parser("preflight", help="check data, parameters, initial loss and one-batch overfitting "
                                          "before a run (exit 1 when a check fails)")

@@ -181,6 +181,7 @@ class StabilityConfig(Section):
     max_consecutive: int = Field(3, ge=1, description="anomalous steps in a row that trigger a rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks in one chain before the run aborts; a chain ends once the replay has made `window` normal steps from where its first episode began")
     rollback_margin: int = Field(0, ge=0, description="extra global batches skipped past the anomaly")
+    skip: Literal["culprits", "window"] = Field("culprits", description="after a rollback skip only the samples that stand out under the restored model (culprits; the window when none does) or every sample since the checkpoint (window)")
     trace_anomalies: bool = Field(False, description="on a non-finite step, re-run it to name the first module that produced NaN/inf")
 
 

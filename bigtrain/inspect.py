@@ -7,19 +7,24 @@ can be *replayed*. We walk the run from step 0 with the resolved config in
 included) and apply the ledger's events in the order they happened:
 
 * ``rollback`` at step s to step t: the run trained up to s, went back to the
-  state it had after step t, and added the skipped window to the skip ledger;
+  state it had after step t, and added its ``skips`` to the skip ledger (with every
+  range earlier rollbacks skipped: the guard remembers them): the whole window, or
+  single positions when the culprit policy found the samples that caused the spike;
+* ``culprits`` at step s, just before the rollback it explains: the scores of the
+  culprit samples (see ``bigtrain.stability.culprits``), shown next to them;
 * ``resume`` at step r: a restarted run went back to the state after step r
   (whatever the crashed process did past its last checkpoint is gone);
 * ``spike`` / ``nonfinite`` / ``skip``: mark what happened to that training of the step.
 
 A step that was trained more than once (before and after a rollback) is shown
 once per *attempt*, oldest first: the attempt that spiked is usually the one a
-user wants to read.
+user wants to read; after a culprit skip the next attempt shows what the step
+read instead.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bigtrain.config import ConfigError, load_config
@@ -44,7 +49,7 @@ class _Point:
     step: int = 0
     position: int = 0
     samples: int = 0
-    windows: list = field(default_factory=list)  # rollback windows known at this point
+    windows: tuple = ()  # rollback windows known at this point (shared between points, never mutated)
 
 
 class Replay:
@@ -53,24 +58,35 @@ class Replay:
     def __init__(self, num_samples: int, cfg, target: int):
         self.cfg, self.target = cfg, target
         self.order = SampleOrder(num_samples, cfg.seed)
+        self._skips: list | None = None  # self.order.skips, shared by every point until the ledger changes
         self.now = _Point()
         self.points = {0: self._snapshot()}
         self.attempts: list[Attempt] = []
+        self.culprits: dict[int, float] = {}  # stream position -> score, of every culprit skipped
 
     def _snapshot(self) -> tuple[_Point, list]:
+        """O(1) per step however many (single-position) skips the run holds: nothing is copied."""
+        if self._skips is None:
+            self._skips = self.order.skips
         p = self.now
-        return _Point(p.step, p.position, p.samples, list(p.windows)), self.order.skips
+        return _Point(p.step, p.position, p.samples, p.windows), self._skips
 
-    def _restore(self, step: int, extra_window: tuple[int, int] | None = None) -> None:
+    def _skip(self, windows: tuple) -> None:
+        self.now.windows += windows
+        for start, end in windows:
+            self.order.add_skip(start, end)
+        self._skips = None
+
+    def _restore(self, step: int, extra_windows: tuple | None = None) -> None:
+        """Back to the state after ``step``: a resume forgets what the run learnt since (the
+        checkpoint's guard state is all it has); a rollback (``extra_windows``) keeps it."""
         if step not in self.points:
             raise ConfigError(f"ledger refers to step {step}, which the replay never reached")
         point, skips = self.points[step]
-        self.now = _Point(point.step, point.position, point.samples, list(point.windows))
-        if extra_window is not None:
-            self.now.windows.append(extra_window)
+        windows = point.windows if extra_windows is None else self.now.windows + extra_windows
+        self.now = _Point(point.step, point.position, point.samples)
         self.order = SampleOrder(self.order.num_samples, self.order.seed, skips)
-        for start, end in self.now.windows:
-            self.order.add_skip(start, end)
+        self._skip(windows)
         if step < self.target:
             for a in self.attempts:
                 a.superseded = True
@@ -88,12 +104,14 @@ class Replay:
 
     def apply(self, event: dict) -> None:
         kind, step = event.get("event"), int(event.get("step", 0))
-        if kind not in ("rollback", "resume", "spike", "nonfinite", "skip"):
+        if kind not in ("rollback", "culprits", "resume", "spike", "nonfinite", "skip"):
             return
         self.advance(step)
         if kind == "rollback":
-            self._restore(int(event["to_step"]), (int(event["skip_start"]), int(event["skip_end"])))
-            self.points[self.now.step] = self._snapshot()  # the rollback re-saves its target with the skip
+            self._restore(int(event["to_step"]), tuple((int(a), int(b)) for a, b in event["skips"]))
+            self.points[self.now.step] = self._snapshot()  # the rollback re-saves its target with the skips
+        elif kind == "culprits":  # the scores behind the single positions the next rollback skips
+            self.culprits.update({int(p): float(s) for p, s in zip(event["positions"], event["scores"])})
         elif kind == "resume":
             self._restore(step)
         elif step == self.target and self.attempts and not self.attempts[-1].superseded:
@@ -103,8 +121,8 @@ class Replay:
                 self.attempts[-1].verdict = kind
 
 
-def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
-    """Everything ``bigtrain inspect`` prints, as a dict."""
+def _replay(run_dir: str, step: int, data: str | None):
+    """(config, prepared data, train split, replay up to ``step``) of a run directory."""
     from bigtrain.data.splits import open_splits
 
     run = Path(run_dir)
@@ -123,7 +141,16 @@ def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 
     for event in Ledger(run, enabled=False).events():
         replay.apply(event)
     replay.advance(step)
+    return cfg, prepared, train, replay
 
+
+def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
+    """Everything ``bigtrain inspect`` prints, as a dict."""
+    return _report(run_dir, step, *_replay(run_dir, step, data), chars)
+
+
+def _report(run_dir: str, step: int, cfg, prepared, train, replay, chars: int) -> dict:
+    seq, run = cfg.model.seq_len, Path(run_dir)
     tokenizer = prepared.tokenizer
     attempts = []
     for a in replay.attempts:
@@ -131,7 +158,8 @@ def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 
         rows = []
         for position, sample in zip(a.positions, samples):
             text = tokenizer.decode(train.sample(sample, seq).tolist())
-            rows.append({"position": position, "sample": sample, "text": text[:chars] if chars else text})
+            rows.append({"position": position, "sample": sample, "text": text[:chars] if chars else text,
+                         "culprit": replay.culprits.get(position)})
         attempts.append({"start": a.start, "end": a.end,
                          "batch_size": len(a.positions), "verdict": a.verdict, "skipped": a.skipped,
                          "superseded": a.superseded, "samples": rows})
@@ -147,5 +175,53 @@ def format_report(report: dict) -> str:
         lines.append(f"step {report['step']}, attempt {i} of {n}: {a['batch_size']} samples, stream positions "
                      f"{a['start']}..{a['end'] - 1} ({', '.join(notes)})")
         for row in a["samples"]:
-            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  {json.dumps(row['text'])}")
+            mark = f"  CULPRIT, skipped (score {row['culprit']:.3f})" if row.get("culprit") is not None else ""
+            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  {json.dumps(row['text'])}{mark}")
+    return "\n".join(lines)
+
+
+def bisect_step(run_dir: str, step: int, data: str | None = None, chars: int = 80) -> dict:
+    """``bigtrain bisect``: score what step ``step`` read last (its newest attempt) under the newest
+    committed checkpoint before it, in this process on the CPU, and name the culprits
+    (:mod:`bigtrain.stability.culprits`)."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from bigtrain.checkpoint import committed, load_model
+    from bigtrain.parallel.env import DistEnv
+    from bigtrain.stability.culprits import choose, score_samples
+
+    replayed = _replay(run_dir, step, data)
+    cfg, train = replayed[0], replayed[2]
+    report = _report(run_dir, step, *replayed, chars)
+    before = [s for s, _ in committed(Path(run_dir) / "checkpoints") if s < step]
+    if not before:
+        raise ConfigError(f"{run_dir!r} has no committed checkpoint before step {step} to score it with")
+    rows = report["attempts"][-1]["samples"]
+    positions = np.array([r["position"] for r in rows], dtype=np.int64)
+    samples = np.array([r["sample"] for r in rows], dtype=np.int64)
+    cpu = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    scores = score_samples(load_model(run_dir, before[-1]), contextlib.nullcontext, cpu, train,
+                           cfg.model.seq_len, cfg.batch.micro_size, [(positions, samples)])
+    found = choose(scores, positions)
+    culprits = set(found.positions) if found else set()
+    for row, score in zip(rows, scores.tolist()):
+        row.update(score=score, culprit=row["position"] in culprits)
+    clean = [r["score"] for r in rows if not r["culprit"]]
+    return {"run_dir": report["run_dir"], "step": step, "checkpoint_step": before[-1],
+            "attempt": len(report["attempts"]), "median": float(np.median(clean)),
+            "culprits": sorted(culprits), "samples": rows}
+
+
+def format_bisect(report: dict) -> str:
+    culprits = [r for r in report["samples"] if r["culprit"]]
+    rest = [r["score"] for r in report["samples"] if not r["culprit"]]
+    lines = [f"step {report['step']} (attempt {report['attempt']}), scored under the checkpoint of step "
+             f"{report['checkpoint_step']}: {len(culprits)} culprit(s) in {len(report['samples'])} samples; "
+             f"the others' mean cross-entropy: median {report['median']:.3f}, max {max(rest):.3f} nats/token"]
+    for row in culprits:
+        lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  score {row['score']:.3f}  "
+                     f"{json.dumps(row['text'])}")
     return "\n".join(lines)

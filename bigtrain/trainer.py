@@ -33,6 +33,7 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.signals import StopRequest
+from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
 
@@ -98,7 +99,8 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
         self.guard = Guard(cfg.stability, env, self.ledger)
-        self.skip_policy = skip_window                # what a rollback skips (see stability.recovery)
+        self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
+            self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
         self.protected_for: int | None = None         # the episode whose rollback target is pinned
         self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing

@@ -23,7 +23,7 @@ def fake_run(run_dir) -> list[dict]:
     events = [{"event": "spike", "step": 10}, {"event": "skip", "step": 10},
               {"event": "spike", "step": 11}, {"event": "skip", "step": 11},
               {"event": "spike", "step": 12}, {"event": "skip", "step": 12},
-              {"event": "rollback", "step": 12, "to_step": 8, "skip_start": 64, "skip_end": 96},
+              {"event": "rollback", "step": 12, "to_step": 8, "skips": [[64, 96]]},
               {"event": "trace", "step": 14, "module": "blocks.1.mlp", "op": None},
               {"event": "preempt", "step": 16}, {"event": "resume", "step": 16}]
     text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 21, "loss": 3.'

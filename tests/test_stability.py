@@ -56,7 +56,7 @@ def test_spikes_are_skipped_then_rolled_back_past_and_the_run_ends_like_a_clean_
     # back to step 75 (the newest checkpoint before step 80); skip from its position to the end
     # of step 82's batch plus 2 batches: [75 * 16, (82 + 2) * 16)
     assert (rollback["step"], rollback["to_step"]) == (82, 75)
-    assert (rollback["skip_start"], rollback["skip_end"]) == (75 * 16, 84 * 16)
+    assert rollback["skips"] == [[75 * 16, 84 * 16]]
     assert spiky.order.skips == [(75 * 16, 84 * 16)]
     assert spiky.guard.counters() == {"skipped": 5, "rollbacks": 1}
     assert abs(val_loss(run_dir) - val_loss(tmp_path / "clean")) < 0.02 * val_loss(tmp_path / "clean")
@@ -283,7 +283,7 @@ def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_
         assert [e["step"] for e in events(tmp_path / f"{backend}-nan", "nonfinite")] == [4]
 
     def decisions(run_dir):
-        return [(e["event"], e["step"], e.get("to_step"), e.get("skip_start"), e.get("skip_end"))
+        return [(e["event"], e["step"], e.get("to_step"), e.get("skips"))
                 for e in events(run_dir) if e["event"] != "resume"]
     for name, overrides in runs.items():
         single = fit(tiny_config(shakespeare_char, tmp_path / f"{name}1", **overrides))

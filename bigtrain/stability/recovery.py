@@ -83,12 +83,11 @@ def roll_back(decision: Decision, checkpointer, parts: dict, skip_policy: SkipPo
     checkpointer.abandon_after(to_step)
     checkpointer.save(to_step, parts)
     checkpointer.wait()
-    # ``skip_start``/``skip_end``: the one window of the window policy, as `bigtrain inspect` reads it
-    window = {"skip_start": skips[0][0], "skip_end": skips[-1][1]} if len(skips) == 1 else {}
-    ledger.record("rollback", entry["step"], to_step=to_step, skips=entry["skips"], **window,
+    ledger.record("rollback", entry["step"], to_step=to_step, skips=entry["skips"],
                   rollbacks=len(guard.rollbacks), chain=guard.chain["rollbacks"], checkpoint=str(path))
+    shown = ", ".join(f"[{a}, {b})" for a, b in skips[:8]) + (f" and {len(skips) - 8} more" if len(skips) > 8 else "")
     log(f"stability: step {entry['step']}: {len(decision.episode)} anomalous steps in a row; rolled back to "
-        f"step {to_step} and skipped stream positions " + ", ".join(f"[{a}, {b})" for a, b in skips))
+        f"step {to_step} and skipped stream positions {shown}")
     return entry
 
 
