@@ -14,6 +14,32 @@ from corpus import stdlib_docs
 
 os.environ.setdefault("BIGTRAIN_CACHE", str(Path(__file__).resolve().parent / ".cache"))
 
+# Under CI (CI=true, as .ci/run sets it) a skipped test fails the run: every test must run on a
+# plain clone, so a test that quietly needs something from outside the repository shows up.
+STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if STRICT and _skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if STRICT and _skipped:
+        terminalreporter.write_line(f"CI=true: {len(_skipped)} skipped test(s) fail the run "
+                                    f"(first: {_skipped[0]})", red=True)
+
 
 @pytest.fixture(scope="session")
 def docs_text() -> str:
