@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus import stdlib_docs
+from corpus import stdlib_prose
 
 os.environ.setdefault("BIGTRAIN_CACHE", str(Path(__file__).resolve().parent / ".cache"))
 
@@ -43,8 +43,8 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def docs_text() -> str:
-    """~1 MB of English prose and code examples: the standard library's docstrings, ASCII."""
-    return stdlib_docs()
+    """~0.7 MB of English prose: paragraphs of the standard library's docstrings (tests/corpus.py)."""
+    return stdlib_prose()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,7 @@ def shakespeare_bytes(docs_file, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def shakespeare_char(docs_file, tmp_path_factory) -> str:
-    """The docstring corpus, char tokenizer (vocab ~97): the nanoGPT CPU recipe's kind of data."""
+    """The docstring corpus, char tokenizer (vocab ~76): the nanoGPT CPU recipe's kind of data."""
     from bigtrain.data.prepare import prepare
     out = tmp_path_factory.mktemp("data") / "docs_char"
     prepare(docs_file, "char", str(out), val_fraction=0.0)
