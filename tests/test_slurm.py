@@ -78,6 +78,7 @@ def tiny(tmp_path: Path, data: str, run_dir: Path, steps: int) -> list[str]:
     return [str(config), *tiny_overrides(data, run_dir, schedule__max_steps=steps)]
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm, shakespeare_bytes, tmp_path):
     """train.sbatch, 2 ranks: SIGUSR1 to the batch shell mid-run -> checkpoint, "preempt",
     `scontrol requeue` -> the same job resumes from the checkpoint and trains what an
@@ -118,6 +119,7 @@ def preempt_requeue_resume(slurm: dict, job_id: str, run: Path, log: Path) -> No
     assert (run / "checkpoints" / f"step-{STEPS:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_deepspeed_sbatch_runs_to_completion(slurm, shakespeare_bytes, tmp_path):
     """train-deepspeed.sbatch: an srun-started DeepSpeed launcher per node (--no_ssh), 2 ranks."""
     if importlib.util.find_spec("bigtrain.parallel.deepspeed") is None:
