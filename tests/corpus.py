@@ -11,8 +11,8 @@ punctuation (a character-level vocabulary of ~75, like tiny Shakespeare's 65).
 
 The docstrings come from the same files as ``bigtrain prepare --source stdlib`` (sorted
 path order), so nothing is downloaded or shipped. On one Python version the text is the
-same on every machine; it is cached in BIGTRAIN_CACHE, since parsing the whole standard
-library takes seconds.
+same on every machine; it is cached in BIGTRAIN_CACHE (keyed by the Python and this file),
+since parsing the whole standard library takes seconds.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def stdlib_prose(max_chars: int = 1_000_000) -> str:
     """Prose paragraphs of the standard library's docstrings, blank-line separated, up to about
     ``max_chars`` (all of them where there is less: ~0.7 MB on CPython 3.11)."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    key = hashlib.sha256(f"{sys.version}|{stdlib}|{max_chars}|{sorted(PROSE_CHARS)}".encode()).hexdigest()[:16]
+    recipe = f"{sys.version}|{stdlib}|{max_chars}|".encode() + Path(__file__).read_bytes()  # this code too
+    key = hashlib.sha256(recipe).hexdigest()[:16]
     cache = Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain")) / f"prose-{key}.txt"
     if cache.is_file():
         return cache.read_text()
