@@ -22,9 +22,11 @@ demo: install
 	$(VENV)/bin/bigtrain train configs/smoke.yaml
 	@echo "TensorBoard logs: runs/smoke/tb   (view: $(VENV)/bin/tensorboard --logdir runs/smoke/tb)"
 
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS='-m "not slow"' (the fast subset).
 test: install
 	scripts/ensure-slurm.sh
-	OMP_NUM_THREADS=1 $(PY) -m pytest -rs tests
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(PY) -m pytest -rs $(PYTEST_ARGS) tests; status=$$?; \
+	echo "make test: suite wall time $$(( $$(date +%s) - start )) s, pytest exit status $$status"; exit $$status
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b; done

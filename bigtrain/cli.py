@@ -1,4 +1,4 @@
-"""``bigtrain <command>``: the commands users type (see DESIGN.md).
+"""``bigtrain <command>``: the commands users type (README.md describes each).
 
 Each command is a small function; heavy imports happen inside it so that
 ``bigtrain --help`` is instant. Bad input anywhere (config, data, checkpoint,
@@ -25,13 +25,13 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from bigtrain.checkpoint import select as select_checkpoint
-    from bigtrain.config import load_config
+    from bigtrain.config import config_from_args
     from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
     from bigtrain.data.splits import check_world, open_splits
     from bigtrain.trainer import Trainer
 
-    cfg = load_config(args.config, overrides=args.overrides)
+    cfg = config_from_args(args.config)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     check_world(cfg, world_size())
@@ -58,9 +58,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    from bigtrain.config import split_args
     from bigtrain.launch import Topology, launch
+    files, overrides = split_args(args.config)
     topo = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
-    return launch(args.config, args.overrides, topo, args.launcher, args.dry_run)
+    return launch(files, overrides, topo, args.launcher, args.dry_run)
 
 
 def cmd_export(args) -> int:
@@ -92,9 +94,9 @@ def cmd_bisect(args) -> int:
 def cmd_preflight(args) -> int:
     import json
 
-    from bigtrain.config import load_config
+    from bigtrain.config import config_from_args
     from bigtrain.preflight import run_preflight
-    cfg = load_config(args.config, overrides=args.overrides)
+    cfg = config_from_args(args.config)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     report = run_preflight(cfg, num_samples=args.samples, overfit_steps=args.overfit_steps,
@@ -112,6 +114,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="+", metavar="CONFIG.yaml|key=value",
+                   help="config files, later ones win (each may name a `base:` file), then key=value "
+                        "overrides, which win over every file, e.g. optim.lr=3e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,13 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train from a YAML config (one process, or under torchrun/deepspeed)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
+    add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("launch", help="print and run the torchrun or deepspeed command for a config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.backend=fsdp")
+    p = sub.add_parser("launch", help="print and run the torchrun or deepspeed command for a config; "
+                                      "exit 3 when the run aborted (RUN_DIR/ABORTED)")
+    add_config_args(p)
     p.add_argument("--nproc-per-node", type=int, required=True, help="processes per node (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, help="this node's rank (needed by the deepspeed launcher)")
@@ -167,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preflight", help="check data, parameters, initial loss and one-batch overfitting "
                                          "before a run (exit 1 when a check fails)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4")
+    add_config_args(p)
     p.add_argument("--samples", type=int, default=3, help="samples of the first batch to decode")
     p.add_argument("--overfit-steps", type=int, default=150)
     p.add_argument("--overfit-target", type=float, default=0.1,
@@ -189,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     # deepspeed's launcher appends --local_rank=N; everything else unknown is an error.
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
-    if hasattr(args, "overrides"):  # argparse hands back key=value given after an option
-        args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
-        unknown = [u for u in unknown if "=" not in u or u.startswith("-")]
+    if hasattr(args, "config"):  # argparse hands back files and key=value given after an option
+        args.config += [u for u in unknown if not u.startswith("-")]
+        unknown = [u for u in unknown if u.startswith("-")]
     if unknown:
         print(f"bigtrain: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2

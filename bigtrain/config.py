@@ -1,7 +1,10 @@
 """The typed schema of a run.
 
-One YAML file (or several, later ones win) plus ``a.b.c=value`` overrides give a
-:class:`Config`. Every section is a small pydantic model with ``extra="forbid"``,
+YAML files (later ones win) plus ``a.b.c=value`` overrides (they win over every
+file) give a :class:`Config`. A file may start from another with a top-level
+``base: OTHER.yaml`` (relative to the file that names it), so a variant of a recipe
+holds only what differs; the command line layers files the same way
+(``bigtrain train base.yaml delta.yaml key=value``). Every section is a small pydantic model with ``extra="forbid"``,
 so a typo is an error that names the key and suggests the nearest valid one,
 instead of a silently ignored setting discovered three days into a run.
 
@@ -235,6 +238,9 @@ class Config(Section):
 
 # ---------------------------------------------------------------- loading
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -246,6 +252,31 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted}: {k!r} is not a section")
         node = child
     node[keys[-1]] = value
+
+
+def split_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (config files, overrides), each in the order given.
+
+    A word with ``=`` is an override (overrides apply after every file, wherever they
+    stand); a word ending in .yaml or .yml is a config file; anything else is an error.
+    """
+    files, overrides = [], []
+    for word in args:
+        if "=" in word:
+            overrides.append(word)
+        elif word.endswith(CONFIG_SUFFIXES):
+            files.append(word)
+        else:
+            raise ConfigError(f"argument {word!r} is neither a config file (.yaml, .yml) nor key=value")
+    if not files:
+        raise ConfigError("no config file given: expected CONFIG.yaml [MORE.yaml ...] [key=value ...]")
+    return files, overrides
+
+
+def config_from_args(args: list[str] | tuple[str, ...]) -> Config:
+    """The config that ``bigtrain train|launch|preflight FILE... key=value...`` names."""
+    files, overrides = split_args(args)
+    return load_config(*files, overrides=overrides)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -275,6 +306,24 @@ def _read_yaml(path: str | Path) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(tree).__name__}")
     return tree
+
+
+def _read_layered(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A file's tree merged over its ``base:`` chain (base first, this file wins)."""
+    here = Path(path).resolve()
+    if here in chain:
+        cycle = " -> ".join(p.name for p in (*chain, here))
+        raise ConfigError(f"config file {str(path)!r}: its base chain is a cycle ({cycle})")
+    tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base.endswith(CONFIG_SUFFIXES):
+        raise ConfigError(f"config file {str(path)!r}: base {base!r} is not a path to a .yaml or .yml file")
+    base_path = Path(path).parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: base {base!r} not found (looked for {str(base_path)!r})")
+    return _merge(_read_layered(base_path, (*chain, here)), tree)
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -337,10 +386,11 @@ def resolve_vocab(cfg: Config) -> Config:
 
 
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Layer YAML files in order, then ``key=value`` overrides; validate; resolve ``vocab_size: auto``."""
+    """Layer YAML files in order (each over its ``base:`` chain), then ``key=value`` overrides;
+    validate; resolve ``vocab_size: auto``."""
     tree: dict = {}
     for p in paths:
-        tree = _merge(tree, _read_yaml(p))
+        tree = _merge(tree, _read_layered(p))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

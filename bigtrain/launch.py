@@ -1,11 +1,23 @@
 """``bigtrain launch``: the torchrun or deepspeed command for a config, printed, then run.
 
 A user should not have to remember two launchers' flags. ``bigtrain launch
-CONFIG --nproc-per-node N [overrides]`` picks the launcher from the config
-(``torchrun`` for ``parallel.backend: none | fsdp``, the ``deepspeed``
-launcher for ``deepspeed``; ``--launcher`` overrides), prints the exact
-command, so it can be copied into a job script, and then replaces itself with
-it: signals reach the launcher directly and its exit status is ours.
+CONFIG.yaml [MORE.yaml ...] --nproc-per-node N [key=value ...]`` picks the
+launcher from the config (``torchrun`` for ``parallel.backend: none | fsdp``, the
+``deepspeed`` launcher for ``deepspeed``; ``--launcher`` overrides), prints the
+exact command, so it can be copied into a job script, and runs it with every
+file and override passed through, in order.
+
+It stays the launcher's parent, because a launcher cannot say why its job ended:
+torchrun exits 1 whichever rank failed and why. When the job failed and
+``RUN_DIR/ABORTED`` exists (the stability guard gave up on the run), the exit
+status is 3, which job scripts must not retry (slurm/common.sh does not requeue
+it); otherwise it is the launcher's own (128 + N when killed by signal N).
+SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the launcher.
+A signal sent to the whole process group (Ctrl-C) or to every process of a SLURM
+step reaches the launcher twice, directly and from here; torchrun and the ranks
+(bigtrain/signals.py) treat a repeat as the same request. SIGUSR1 is turned into
+``RUN_DIR/STOP`` (checkpoint and stop at the next step), as the sbatch scripts do,
+because torchrun's agent would die of it without telling the ranks.
 
 Everything that can be checked is checked first, in this one process: the
 config, the data directory, and that the world size divides every batch size,
@@ -23,6 +35,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,36 +124,62 @@ def launch_env(cfg: Config, topo: Topology, launcher: str) -> dict[str, str]:
 class Plan:
     command: list[str]
     env: dict[str, str]                 # set for the ranks, on top of ours
+    run_dir: Path                       # where the job's RUN_DIR/ABORTED and STOP live
     hostfile: Path | None = None        # written just before a multi-node deepspeed launch
 
 
-def build(config: str, overrides: list[str], topo: Topology, launcher: str | None = None) -> Plan:
-    """What to run for ``config`` on ``topo``; raises ConfigError on bad input."""
+def build(files: list[str] | str, overrides: list[str], topo: Topology, launcher: str | None = None) -> Plan:
+    """What to run for the config ``files`` (layered in order) and ``overrides`` on ``topo``;
+    raises ConfigError on bad input."""
     from bigtrain.data.splits import check_world
 
-    cfg = load_config(config, overrides=overrides)
+    files = [files] if isinstance(files, str) else list(files)
+    cfg = load_config(*files, overrides=overrides)
     launcher = launcher or DEFAULT_LAUNCHER[cfg.parallel.backend]
     topo.check(launcher)
     check_world(cfg, topo.world)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
-    train = ["train", config, *overrides]
+    train = ["train", *files, *overrides]
     env = launch_env(cfg, topo, launcher)
     if launcher == "torchrun":
-        return Plan(torchrun_command(topo) + ["-m", "bigtrain", *train], env)
+        return Plan(torchrun_command(topo) + ["-m", "bigtrain", *train], env, Path(cfg.run_dir))
     hostfile = Path(cfg.run_dir) / "hostfile"
     cmd = deepspeed_command(topo, hostfile) + ["--module", "bigtrain", *train]
-    return Plan(cmd, env, hostfile if "--no_ssh" in cmd else None)
+    return Plan(cmd, env, Path(cfg.run_dir), hostfile if "--no_ssh" in cmd else None)
 
 
-def launch(config: str, overrides: list[str], topo: Topology, launcher: str | None = None,
+def run(plan: Plan) -> int:
+    """Run the plan's command to the end, passing signals on; its status, or 3 if the run aborted."""
+    proc = subprocess.Popen(plan.command, env={**os.environ, **plan.env})
+
+    def pass_on(signum, frame):
+        if signum == signal.SIGUSR1:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            (plan.run_dir / "STOP").touch()
+        else:
+            proc.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, pass_on) for sig in forwarded}
+    try:
+        status = proc.wait()  # retried after each handler (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status != 0 and (plan.run_dir / "ABORTED").is_file():
+        return 3
+    return 128 - status if status < 0 else status
+
+
+def launch(files: list[str] | str, overrides: list[str], topo: Topology, launcher: str | None = None,
            dry_run: bool = False) -> int:
-    """Print the command and become it (``dry_run``: print only)."""
-    plan = build(config, overrides, topo, launcher)
+    """Print the command and run it (``dry_run``: print only)."""
+    plan = build(files, overrides, topo, launcher)
     print(shlex.join([f"{k}={v}" for k, v in plan.env.items()] + plan.command), flush=True)
     if dry_run:
         return 0
     if plan.hostfile is not None:
         write_hostfile(topo, plan.hostfile)
     sys.stderr.flush()
-    os.execve(plan.command[0], plan.command, {**os.environ, **plan.env})
+    return run(plan)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Start bigtrain on this node under DeepSpeed's launcher (for parallel.backend: deepspeed).
 #
-#   launcher/deepspeed.sh CONFIG.yaml [key=value ...] [--dry-run]
+#   launcher/deepspeed.sh CONFIG.yaml [MORE.yaml ...] [key=value ...] [--dry-run]
+#
+# Later files win, overrides win over every file; the exit status is `bigtrain launch`'s
+# (3: the run aborted, do not retry).
 #
 # One node: NPROC_PER_NODE processes (default: one per GPU, else 1); on a machine without
 # GPUs DeepSpeed's CPU accelerator is selected (DS_ACCELERATOR=cpu).

@@ -2,7 +2,10 @@
 # Start bigtrain on this node under torchrun (for parallel.backend none or fsdp; deepspeed
 # runs under torchrun as well).
 #
-#   launcher/torchrun.sh CONFIG.yaml [key=value ...] [--dry-run]
+#   launcher/torchrun.sh CONFIG.yaml [MORE.yaml ...] [key=value ...] [--dry-run]
+#
+# Later files win, overrides win over every file; the exit status is `bigtrain launch`'s
+# (3: the run aborted, do not retry).
 #
 # One node: NPROC_PER_NODE processes (default: one per GPU, else 1).
 # Several nodes: run it on every node (from SLURM: once per node, with srun), e.g.

@@ -16,9 +16,11 @@
 # SIGTERM (scancel, the time limit, preemption) also checkpoints and stops, as fast as a
 # step and a save allow before SLURM's KillWait runs out; the job is requeued only when it
 # was the time limit (scancel means cancel, and PreemptMode=REQUEUE requeues by itself).
+# Exit status 3 means the stability guard aborted the run (RUN_DIR/ABORTED): the job is
+# never requeued after it, since a rerun would only meet the same bad state.
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: sbatch slurm/train.sbatch CONFIG.yaml [key=value ...]" >&2; exit 2
+    echo "usage: sbatch slurm/train.sbatch CONFIG.yaml [MORE.yaml ...] [key=value ...]" >&2; exit 2
 fi
 PY=${BIGTRAIN_PYTHON:-python}
 
@@ -39,10 +41,11 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
-# The run directory, from the config and overrides; this also checks them before any node
-# is asked to start a process (a bad config stops here, with status 2 and no requeue).
-RUN_DIR=$("$PY" -c 'import sys; from bigtrain.config import load_config
-print(load_config(sys.argv[1], overrides=sys.argv[2:]).run_dir)' "$@") || exit 2
+# The run directory, from the config files and overrides (layered as `bigtrain train` does);
+# this also checks them before any node is asked to start a process (a bad config stops
+# here, with status 2 and no requeue).
+RUN_DIR=$("$PY" -c 'import sys; from bigtrain.config import config_from_args
+print(config_from_args(sys.argv[1:]).run_dir)' "$@") || exit 2
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR/STOP"   # a STOP left by an earlier job must not stop this one at once...
 if (( stop )); then touch "$RUN_DIR/STOP"; fi   # ... but one asked for by now must
@@ -72,9 +75,12 @@ run_and_wait() {
     echo "bigtrain-slurm: training exited with status $status"
 }
 
-# Requeue when asked to, then end the batch script with the trainer's status.
+# Requeue when asked to (never after an abort: status 3), then end the batch script with
+# the trainer's status.
 finish() {
-    if (( requeue )); then
+    if (( requeue )) && [[ $status == 3 ]]; then
+        echo "bigtrain-slurm: the run aborted (see $RUN_DIR/ABORTED); not requeueing"
+    elif (( requeue )); then
         echo "bigtrain-slurm: requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
     fi

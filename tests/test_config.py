@@ -1,13 +1,18 @@
 """Config: layering, overrides, presets, and one-line errors for bad input."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
-from bigtrain.config import ConfigError, load_config
+from bigtrain.cli import main
+from bigtrain.config import ConfigError, config_from_args, load_config
+from bigtrain.launch import Topology, build
 from bigtrain.optim import base_lr, lr_at, param_groups
-from helpers import bigtrain
+from helpers import REPO, bigtrain, tiny_overrides
 
 
 def write(tmp_path, name, text):
@@ -23,6 +28,86 @@ def test_layering_and_overrides(tmp_path):
     assert cfg.model.n_layer == 5 and cfg.model.d_model == 64          # later file wins, merge is deep
     assert cfg.optim.lr == 2e-3                                          # override wins over files
     assert cfg.batch.rampup.increment == 8                               # YAML values in overrides
+
+
+def test_base_chains_resolve_relative_to_each_file_and_the_command_line_layers_on_top(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    write(tmp_path, "root.yaml", "seed: 1\nmodel: {n_layer: 3, d_model: 64}\noptim: {lr: 1.0e-3, eps: 1.0e-6}\n")
+    write(tmp_path, "recipes/mid.yaml", "base: ../root.yaml\nseed: 2\nmodel: {n_layer: 5}\n")
+    leaf = write(tmp_path, "recipes/leaf.yaml", "base: mid.yaml\nseed: 3\noptim: {lr: 2.0e-3}\n")
+    cfg = load_config(leaf)
+    assert (cfg.seed, cfg.model.n_layer, cfg.model.d_model) == (3, 5, 64)   # each file wins over its base
+    assert (cfg.optim.lr, cfg.optim.eps) == (2e-3, 1e-6)                      # the merge is deep
+    top = write(tmp_path, "top.yaml", "seed: 4\nmodel: {d_model: 128}\n")
+    cfg = config_from_args([leaf, "optim.lr=5e-3", top, "seed=9"])
+    assert (cfg.seed, cfg.model.n_layer, cfg.model.d_model, cfg.optim.lr) == (9, 5, 128, 5e-3)
+    assert config_from_args([top, leaf]).seed == 3                           # later files win
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"a.yaml": "base: a.yaml\n"}, "its base chain is a cycle (a.yaml -> a.yaml)"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\nseed: 1\n"}, "cycle (a.yaml -> b.yaml -> a.yaml)"),
+    ({"a.yaml": "base: gone.yaml\n"}, "base 'gone.yaml' not found"),
+    ({"a.yaml": "base: [b.yaml]\n"}, "is not a path to a .yaml or .yml file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "model: {n_layr: 2}\n"}, "model.n_layr: unknown key"),
+])
+def test_bad_base_chains_are_one_line_errors(tmp_path, files, needle):
+    for name, text in files.items():
+        write(tmp_path, name, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", [["train"], ["preflight"], ["launch", "--nproc-per-node", "1"]])
+@pytest.mark.parametrize("word, needle", [
+    ("config", "argument 'config' is neither a config file (.yaml, .yml) nor key=value"),
+    ("configs/nope.yaml", "config file 'configs/nope.yaml' not found"),
+    ("model.n_layr=2", "no config file given"),
+])
+def test_cli_words_that_are_neither_file_nor_override_exit_2_with_one_line(command, word, needle, capsys):
+    assert main([*command, word]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_launch_passes_every_file_and_override_through_in_order(tmp_path):
+    delta = write(tmp_path, "delta.yaml", "parallel: {zero_stage: 3}\n")
+    overrides = [f"data.path={tmp_path}", f"run_dir={tmp_path / 'run'}", "batch.micro_size=2"]
+    plan = build(["configs/gpt2-124m.yaml", "configs/gpt2-124m-zero2.yaml", delta], overrides, Topology(2))
+    assert plan.command[-len(overrides) - 4:] == ["train", "configs/gpt2-124m.yaml", "configs/gpt2-124m-zero2.yaml",
+                                                  delta, *overrides]
+    assert Path(plan.command[0]).name == "deepspeed"   # the launcher follows the layered backend
+
+
+def test_train_saves_the_merged_config_in_the_run_dir(shakespeare_bytes, tmp_path):
+    delta = write(tmp_path, "delta.yaml", f"base: {REPO / 'configs' / 'smoke.yaml'}\noptim: {{weight_decay: 0.05}}\n")
+    run = tmp_path / "run"
+    args = [delta, write(tmp_path, "top.yaml", "optim: {eps: 1.0e-7}\n"),
+            *tiny_overrides(shakespeare_bytes, run, schedule__max_steps=1, eval__batches=0)]
+    assert main(["train", *args]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved == config_from_args(args).to_dict() and "base" not in saved
+    # smoke.yaml's, the delta's, the second file's and an override's
+    assert (saved["schedule"]["scaling"], saved["optim"]["weight_decay"], saved["optim"]["eps"],
+            saved["model"]["n_layer"]) == ("sqrt", 0.05, 1e-7, 2)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((REPO / "tests/data/configs-e06272a.json").read_text())))
+def test_shipped_configs_resolve_to_what_they_did_before_they_shrank_to_deltas(name, monkeypatch, tmp_path):
+    """tests/data/configs-e06272a.json: every shipped config resolved at commit e06272a, when
+    each was a full file. Keys added to the schema since then are not compared."""
+    before = json.loads((REPO / "tests/data/configs-e06272a.json").read_text())[name]
+    monkeypatch.chdir(tmp_path)   # no data/ here: vocab_size stays `auto`, as it was frozen
+    now = _flat(load_config(REPO / "configs" / name).to_dict())
+    assert {key: now.get(key, "<missing>") for key in before} == before
 
 
 def test_preset_defaults_and_explicit_keys_win():

@@ -12,16 +12,14 @@ from bigtrain.data.dataset import open_data
 from bigtrain.data.prepare import prepare
 from bigtrain.data.tokenizer import EOT, build_tokenizer, load_tokenizer
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 UNICODE = "héllo wörld — ünïcödé 🎉 中文 \n\t\r mixed\x00 text\U0010ffff"
 DOCS = [f"document number {i}: " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not present")
-    return SHAKESPEARE.read_text()[:100_000]
+def prose(docs_text) -> str:
+    """100k characters of English prose (the docstring corpus, tests/corpus.py)."""
+    return docs_text[:100_000]
 
 
 def _hf_round_trip(tok, tmp_path: Path, text: str) -> None:
@@ -50,28 +48,28 @@ def test_bytes_tokenizer(tmp_path):
     _hf_round_trip(tok, tmp_path, UNICODE)
 
 
-def test_char_tokenizer(tmp_path, shakespeare):
-    tok = build_tokenizer("char", lambda: [shakespeare])
-    assert tok.vocab_size == len(set(shakespeare)) + 1 and tok.eot_id == tok.vocab_size - 1
-    ids = tok.encode(shakespeare[:5000])
-    assert tok.decode(ids) == shakespeare[:5000]
+def test_char_tokenizer(tmp_path, prose):
+    tok = build_tokenizer("char", lambda: [prose])
+    assert tok.vocab_size == len(set(prose)) + 1 and tok.eot_id == tok.vocab_size - 1
+    ids = tok.encode(prose[:5000])
+    assert tok.decode(ids) == prose[:5000]
     again = _save_load(tok, tmp_path)
-    assert again.encode(shakespeare[:5000]) == ids and again.vocab_size == tok.vocab_size
+    assert again.encode(prose[:5000]) == ids and again.vocab_size == tok.vocab_size
     with pytest.raises(ValueError, match="vocabulary"):
         tok.encode("🎉")
-    _hf_round_trip(tok, tmp_path, shakespeare[:2000])
+    _hf_round_trip(tok, tmp_path, prose[:2000])
 
 
-def test_bpe_tokenizer(tmp_path, shakespeare):
-    tok = build_tokenizer("bpe:512", lambda: [shakespeare])
+def test_bpe_tokenizer(tmp_path, prose):
+    tok = build_tokenizer("bpe:512", lambda: [prose])
     assert tok.kind == "bpe" and tok.vocab_size == 512
-    ids = tok.encode(shakespeare[:5000])
+    ids = tok.encode(prose[:5000])
     assert len(ids) < 5000 / 1.5  # it learned merges
-    assert tok.decode(ids) == shakespeare[:5000]
+    assert tok.decode(ids) == prose[:5000]
     assert tok.decode(tok.encode(UNICODE)) == UNICODE  # byte level: nothing is out of vocabulary
     assert tok.decode([tok.eot_id]) == EOT
     assert _save_load(tok, tmp_path).encode(UNICODE) == tok.encode(UNICODE)
-    _hf_round_trip(tok, tmp_path, shakespeare[:2000])
+    _hf_round_trip(tok, tmp_path, prose[:2000])
 
 
 def test_hf_directory_tokenizer(tmp_path):
@@ -142,12 +140,12 @@ def test_prepare_text_glob_and_read_back(tmp_path):
     assert tail.sample(0, 9).tolist() == expected[head.tokens:head.tokens + 10]
 
 
-def test_prepare_single_file(tmp_path, shakespeare):
-    (tmp_path / "s.txt").write_text(shakespeare)
+def test_prepare_single_file(tmp_path, prose):
+    (tmp_path / "s.txt").write_text(prose)
     m = prepare(str(tmp_path / "s.txt"), "char", str(tmp_path / "out"))
     assert "val" not in m["splits"]  # one document: nothing to hold out (the trainer can use data.val_fraction)
     data = open_data(str(tmp_path / "out"))
-    assert data.tokenizer.decode(_all_tokens(data, "train")) == shakespeare + EOT
+    assert data.tokenizer.decode(_all_tokens(data, "train")) == prose + EOT
 
 
 def test_prepare_jsonl_parquet_and_saved_dataset(tmp_path):

@@ -78,6 +78,7 @@ def tiny(tmp_path: Path, data: str, run_dir: Path, steps: int) -> list[str]:
     return [str(config), *tiny_overrides(data, run_dir, schedule__max_steps=steps)]
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm, shakespeare_bytes, tmp_path):
     """train.sbatch, 2 ranks: SIGUSR1 to the batch shell mid-run -> checkpoint, "preempt",
     `scontrol requeue` -> the same job resumes from the checkpoint and trains what an
@@ -118,6 +119,7 @@ def preempt_requeue_resume(slurm: dict, job_id: str, run: Path, log: Path) -> No
     assert (run / "checkpoints" / f"step-{STEPS:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_deepspeed_sbatch_runs_to_completion(slurm, shakespeare_bytes, tmp_path):
     """train-deepspeed.sbatch: an srun-started DeepSpeed launcher per node (--no_ssh), 2 ranks."""
     if importlib.util.find_spec("bigtrain.parallel.deepspeed") is None:
@@ -131,3 +133,17 @@ def test_deepspeed_sbatch_runs_to_completion(slurm, shakespeare_bytes, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()
     assert [s for s, _ in train_losses(run)] == list(range(1, 7))
     assert (run / "checkpoints" / f"step-{6:08d}").is_dir()
+
+
+@pytest.mark.parametrize("requeue, status, requeued", [(1, 0, True), (1, 3, False), (0, 0, False), (0, 1, False)])
+def test_finish_requeues_when_asked_but_never_after_an_abort(tmp_path, requeue, status, requeued):
+    """slurm/common.sh's `finish`, run by bash as the sbatch scripts run it, with `scontrol` a
+    shell function that records the call: exit status 3 (the run aborted) is never requeued."""
+    common = (REPO / "slurm" / "common.sh").read_text()
+    finish = common[common.index("finish() {"):]
+    script = (f'scontrol() {{ echo "scontrol $*" >> {tmp_path}/calls; }}\n{finish}\n'
+              f'SLURM_JOB_ID=42 RUN_DIR={tmp_path} requeue={requeue} status={status}\nfinish\n')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == status, out.stderr
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert calls == ("scontrol requeue 42\n" if requeued else "")
