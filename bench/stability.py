@@ -167,7 +167,8 @@ def planted_run(data: str, placement: str, fraction: float, tmp: Path) -> dict:
     planted = plant(data, tmp / "planted-data" / name, load_config(overrides=overrides + [f"data.path={data}"]),
                     steps, fraction)
     aborted = fit(load_config(overrides=overrides + [f"data.path={tmp / 'planted-data' / name}"]))
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    path = run_dir / "ledger.jsonl"  # no event at all: no ledger file
+    ledger = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     anomalies = [e for e in ledger if e["event"] in ("spike", "nonfinite")]
     rollbacks = [e for e in ledger if e["event"] == "rollback"]
     covered = [(e["start"], e["end"]) for e in anomalies] + [tuple(s) for e in rollbacks for s in e["skips"]]

@@ -71,11 +71,13 @@ def test_the_spread_is_floored_relative_to_the_level():
     """A perfectly straight loss has no spread at all; the floor min_spread * expected takes over."""
     det = SpikeDetector(window=16, warmup=10, threshold=6.0, trend=8, min_spread=0.01)
     feed(det, zigzag(30, d=0.0))
-    expected = 4.0 - 0.01 * 30
+    last = 4.0 - 0.01 * 29      # the expectation is never below the latest losses ...
+    expected = last - 0.01      # ... and the median one-step error (-0.01) puts it back on the line
+    spread = 0.01 * last        # the floor, relative to the expectation before that correction
     before = det.state_dict()
-    assert det.judge(expected * (1 + 0.059), 1.0)[0] == OK  # 5.9 floors
+    assert det.judge(expected + 5.9 * spread, 1.0)[0] == OK
     det.load_state_dict(before)
-    kind, details = det.judge(expected * (1 + 0.061), 1.0)
+    kind, details = det.judge(expected + 6.1 * spread, 1.0)
     assert kind == SPIKE and details["loss_z"] == pytest.approx(6.1, abs=1e-3)
 
 
@@ -136,7 +138,7 @@ def test_planted_garbage_is_caught_and_the_clean_run_is_left_alone(shakespeare_c
     three are judged spikes and roll back; the rest are skipped after the rollback, so no planted
     sample ever reaches an update. The same run on the clean corpus has no anomaly at all."""
     common = dict(batch__global_size=16, batch__micro_size=16, model__seq_len=32, schedule__warmup_steps=10,
-                  schedule__max_steps=30, checkpoint__every=5, checkpoint__keep=10, eval__batches=0)
+                  optim__lr=1e-3, schedule__max_steps=30, checkpoint__every=5, checkpoint__keep=10, eval__batches=0)
     fit(tiny_config(shakespeare_char, tmp_path / "clean", **common))
     assert [e for e in read_jsonl(tmp_path / "clean" / "ledger.jsonl")
             if e["event"] in ("spike", "nonfinite", "skip", "rollback", "abort")] == []

@@ -15,7 +15,7 @@ def losses(run_dir) -> list[float]:
 
 
 def test_short_run_learns_well_below_uniform(shakespeare_char, tmp_path):
-    """Char-level Shakespeare: train and val loss fall far below ln(vocab)."""
+    """Char-level prose: train and val loss fall far below ln(vocab)."""
     cfg = tiny_config(shakespeare_char, tmp_path, model__d_model=96, model__n_head=4, model__n_layer=2,
                       model__seq_len=64, batch__global_size=16, batch__micro_size=16, optim__lr=3e-3,
                       schedule__warmup_steps=10, schedule__max_steps=150, logging__every=10,
@@ -24,7 +24,7 @@ def test_short_run_learns_well_below_uniform(shakespeare_char, tmp_path):
     uniform = math.log(cfg.model.vocab_size)
     train = losses(tmp_path)
     val = [r["val_loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in r]
-    assert train[-1] < 0.62 * uniform, (train[-1], uniform)
+    assert sum(train[-5:]) / 5 < 0.62 * uniform, (train[-5:], uniform)   # the last 50 steps, 5 logged
     assert val and val[-1] < 0.65 * uniform, (val, uniform)
     assert trainer.state.step == 150 and trainer.state.samples == 150 * 16
     assert (tmp_path / "config.yaml").exists()

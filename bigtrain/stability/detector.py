@@ -75,6 +75,9 @@ OK, SPIKE, NONFINITE = "ok", "spike", "nonfinite"
 # Right after a spike the next step is judged at this fraction of the threshold (module docstring).
 AFTER_SPIKE = 0.5
 
+# The expectation is never below the lowest of this many latest normal losses (see judge).
+FLOOR_OF_LAST = 3
+
 # 1 / Phi^-1(3/4): makes the MAD of normal data equal its standard deviation.
 MAD_TO_SIGMA = 1.4826
 
@@ -131,7 +134,9 @@ class SpikeDetector:
         """The verdict on one step and the numbers behind a spike; a normal step joins the history."""
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return NONFINITE, {}
-        expected = trend_next(self.losses) if self.losses else loss
+        # never below the lowest of the last few losses: a slope steepened by a recovery (a
+        # transient during warm-in) must not predict a fall the run is not making
+        expected = max(trend_next(self.losses), min(list(self.losses)[-FLOOR_OF_LAST:])) if self.losses else loss
         if self.warm:
             score = self.score(loss, expected)
             if score["loss_z"] > self.threshold * (AFTER_SPIKE if self.after_spike else 1.0):
