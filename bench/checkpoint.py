@@ -86,7 +86,7 @@ def main() -> None:
         sync_s = time.perf_counter() - t0
         mb = size_mb(path)
 
-        trainer.checkpointer.async_save = True
+        trainer.cfg.checkpoint.async_save = True  # the checkpointer reads it at every save
         first, steady = async_save(trainer), async_save(trainer)
         newest = trainer.checkpointer.committed()[-1][1]
     finally:

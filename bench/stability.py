@@ -214,7 +214,7 @@ def guard_time(trainer: Trainer, calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
         verdict = guard.judge(2.0 + rng.gauss(0, 0.01), 1.0 + rng.gauss(0, 0.01), False)
-        guard.after_step(trainer, batch)
+        guard.after_step(1, batch.step_position, batch.next_position, batch.size)
     assert verdict.apply
     return (time.perf_counter() - t0) / calls
 

@@ -25,6 +25,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from bigtrain.checkpoint import select as select_checkpoint
+    from bigtrain.parallel.backend import backend_class
     from bigtrain.config import config_from_args
     from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
@@ -37,7 +38,7 @@ def cmd_train(args) -> int:
     check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
     # a bad checkpoint stops here too; rank 0 reads every byte, the others check the files
-    select_checkpoint(cfg, world_size(), verify=process_layout()[0] == 0)
+    select_checkpoint(cfg, world_size(), verify=process_layout()[0] == 0, reader=backend_class(cfg.parallel.backend))
     env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")
     try:
         with fail_fast(env):  # an exception on one rank ends the whole job now, not at a timeout

@@ -36,6 +36,7 @@ import torch
 from bigtrain.config import Config, ConfigError
 from bigtrain.data.loader import Batch
 from bigtrain.data.order import batch_size_at
+from bigtrain.parallel.backend import backend_class
 
 
 def check_faults(cfg: Config, world: int) -> None:
@@ -43,7 +44,7 @@ def check_faults(cfg: Config, world: int) -> None:
     f = cfg.faults
     if (f.nan_at or f.crash_at or f.crash_in_checkpoint_at is not None) and f.rank >= world:
         raise ConfigError(f"config error: faults.rank={cfg.faults.rank} does not exist in a world of {world}")
-    if f.nan_at and cfg.parallel.backend == "deepspeed":
+    if f.nan_at and not backend_class(cfg.parallel.backend).has_local_grads:
         # DeepSpeed moves reduced gradients into its own partition buffers: no .grad to poison
         raise ConfigError("config error: faults.nan_at needs parallel.backend none or fsdp "
                           "(use faults.spike_at with deepspeed)")

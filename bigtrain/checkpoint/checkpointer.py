@@ -92,7 +92,6 @@ class Checkpointer:
         self.cfg, self.env, self.log, self.before_commit = cfg, env, log, before_commit
         self.root = Path(cfg.run_dir) / "checkpoints"
         # DeepSpeed writes through its own engine, which has no async path here.
-        self.async_save = cfg.checkpoint.async_save and cfg.parallel.backend != "deepspeed"
         # Checkpoint collectives get a gloo group of their own, so a writer thread never
         # shares a communicator with the training loop.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -179,7 +178,7 @@ class Checkpointer:
         self._barrier()
         self._write_own_files(step, parts, tmp)
         backend = parts[MODEL]
-        if self.async_save:
+        if self.cfg.checkpoint.async_save and backend.async_checkpoint:  # else (DeepSpeed) a sync save
             if self.stager is None:
                 from bigtrain.checkpoint.dcp_io import make_stager
                 self.stager = make_stager(self.env.device)
@@ -208,7 +207,8 @@ class Checkpointer:
         """The small files, written now (even when the shards go async) so they hold this step."""
         if self.env.is_main:
             meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.env.world,
-                    "backend": self.cfg.parallel.backend, "time": time.time(), "config": self.cfg.to_dict()}
+                    "backend": self.cfg.parallel.backend, "checkpoint_format": parts[MODEL].checkpoint_format,
+                    "time": time.time(), "config": self.cfg.to_dict()}
             write_synced(tmp / META, (json.dumps(meta, indent=1) + "\n").encode())
             state = {name: part.state_dict() for name, part in parts.items() if name != MODEL}
             write_synced(tmp / STATE, _to_bytes(state))
@@ -260,7 +260,7 @@ class Checkpointer:
         """
         self.wait()
         path = Path(path)
-        why = problem(path, self.cfg, self.env.world, verify=True) if self.env.is_main else None
+        why = problem(path, self.cfg, self.env.world, True, type(parts[MODEL])) if self.env.is_main else None
         why = self._broadcast(why)
         if why:
             raise ConfigError(why)
@@ -294,7 +294,7 @@ class Checkpointer:
         choice = None
         if self.env.is_main:
             try:
-                choice = select(self.cfg, self.env.world)
+                choice = select(self.cfg, self.env.world, reader=type(parts[MODEL]))
             except ConfigError as e:
                 choice = str(e)
         choice = self._broadcast(choice)

@@ -180,8 +180,9 @@ def read_meta(path: Path) -> dict:
 _verified: dict[tuple[str, int], str | None] = {}  # (path, manifest mtime) -> problem found by the CRC pass
 
 
-def problem(path: Path, cfg: Config | None = None, world: int | None = None, verify: bool = True) -> str | None:
-    """Why ``path`` cannot be loaded (by ``cfg`` on ``world`` ranks), or None.
+def problem(path: Path, cfg: Config | None = None, world: int | None = None, verify: bool = True,
+            reader=None) -> str | None:
+    """Why ``path`` cannot be loaded (by ``cfg`` on ``world`` ranks, through the backend ``reader``), or None.
 
     Cheap checks first (it is a checkpoint, its format, its files and sizes, the model and
     backend it was written for); then, when ``verify``, the CRC of every byte. The CRC
@@ -215,7 +216,7 @@ def problem(path: Path, cfg: Config | None = None, world: int | None = None, ver
         if (path / name).stat().st_size != size:
             return f"{where}: file {name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
     if cfg is not None:
-        mismatch = config_mismatch(meta, cfg, world)
+        mismatch = config_mismatch(meta, cfg, world, reader)
         if mismatch:
             return f"{where} {mismatch}"
     if verify:
@@ -227,8 +228,10 @@ def problem(path: Path, cfg: Config | None = None, world: int | None = None, ver
     return None
 
 
-def config_mismatch(meta: dict, cfg: Config, world: int | None) -> str | None:
-    """How the checkpoint's model, backend or world size rules out loading it here, or None."""
+def config_mismatch(meta: dict, cfg: Config, world: int | None, reader=None) -> str | None:
+    """How the checkpoint's model, format or world size rules out loading it here, or None.
+    ``reader``: the backend (class) that would load it; its declared capabilities
+    (``checkpoint_format``, ``reshards_checkpoints``) decide, never its name."""
     from bigtrain.config import ModelConfig
     try:
         theirs = architecture(ModelConfig.model_validate(meta["config"]["model"]))
@@ -239,11 +242,13 @@ def config_mismatch(meta: dict, cfg: Config, world: int | None) -> str | None:
         if theirs[key] != ours[key]:
             return (f"was written for a different model: model.{key}={theirs[key]!r} there, "
                     f"{ours[key]!r} in this config")
-    saved, here = meta.get("backend"), cfg.parallel.backend
-    if (saved == "deepspeed") != (here == "deepspeed"):
-        return (f"was written by the {saved} backend; parallel.backend={here} cannot read it "
+    if reader is None:
+        return None
+    if meta.get("checkpoint_format") != reader.checkpoint_format:
+        return (f"holds {meta.get('checkpoint_format')} shards (written by the {meta.get('backend')} backend); "
+                f"parallel.backend={cfg.parallel.backend} reads {reader.checkpoint_format} "
                 f"(use `bigtrain export` to carry the weights across)")
-    if here == "deepspeed" and world is not None and meta.get("world_size") != world:
-        return (f"holds DeepSpeed ZeRO shards for {meta.get('world_size')} ranks; DeepSpeed reloads its "
-                f"optimizer shards only at the same world size, not {world}")
+    if not reader.reshards_checkpoints and world is not None and meta.get("world_size") != world:
+        return (f"holds {reader.checkpoint_format} shards for {meta.get('world_size')} ranks, which "
+                f"parallel.backend={cfg.parallel.backend} reloads only at that world size, not {world}")
     return None

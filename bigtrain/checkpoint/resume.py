@@ -13,8 +13,9 @@ from bigtrain.checkpoint.format import META, committed, problem, read_meta, weig
 from bigtrain.config import Config, ConfigError, ModelConfig
 
 
-def select(cfg: Config, world: int, verify: bool = True) -> tuple[Path | None, list[str]]:
-    """The checkpoint ``checkpoint.resume`` asks for, and the problems of newer ones passed over.
+def select(cfg: Config, world: int, verify: bool = True, reader=None) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``checkpoint.resume`` asks for, and the problems of newer ones passed over;
+    ``reader`` is the backend (class) that will load it (see :func:`format.config_mismatch`).
 
     ``auto``: the newest committed checkpoint in ``RUN_DIR/checkpoints``; if it is unusable,
     older ones only with ``checkpoint.fallback: true``. ``never``: none. A path inside this
@@ -29,13 +30,13 @@ def select(cfg: Config, world: int, verify: bool = True) -> tuple[Path | None, l
         return None, []
     own = committed(root)
     if mode != "auto" and not (own and Path(mode).resolve().parent != root.resolve()):
-        why = problem(Path(mode), cfg, world, verify)
+        why = problem(Path(mode), cfg, world, verify, reader)
         if why:
             raise ConfigError(f"checkpoint.resume: {why}")
         return Path(mode), []
     passed: list[str] = []
     for _, path in reversed(own):
-        why = problem(path, cfg, world, verify)
+        why = problem(path, cfg, world, verify, reader)
         if why is None:
             return path, passed
         if not cfg.checkpoint.fallback:
@@ -73,7 +74,7 @@ def load_model(run_dir: str | Path, step: int | None = None):
         raise ConfigError(why)
     meta = read_meta(path)
     model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
-    if meta["backend"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
+    if meta["checkpoint_format"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with weights_only_loads():
             state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
