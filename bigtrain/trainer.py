@@ -76,7 +76,6 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         env.barrier()
 
         if cfg.parallel.deterministic:
@@ -146,6 +145,8 @@ class Trainer:
             raise StabilityAbort(refusal)
         if resumed := self.checkpointer.resume(self.parts()):  # per checkpoint.resume (auto: the newest)
             self.ledger.record("resume", resumed.step, path=str(resumed.path), passed_over=resumed.passed_over)
+        if self.env.is_main:  # only once the checkpoint accepted this config (the data order, the model)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
@@ -176,9 +177,9 @@ class Trainer:
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
                 self.preempt(reason)
                 return state
-        if not (cfg.eval.every and state.step % cfg.eval.every == 0):
+        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
+        if not (cfg.eval.every and state.step % cfg.eval.every == 0):  # before anything else can fail
             self.evaluate()
-        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed
         self.checkpointer.wait()
         return state
 
