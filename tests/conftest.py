@@ -55,10 +55,8 @@ def docs_file(docs_text, tmp_path_factory) -> str:
     return str(path)
 
 
-# The two prepared corpora keep their historical names (they were tiny Shakespeare) until
-# the tests that use them are renamed.
 @pytest.fixture(scope="session")
-def shakespeare_bytes(docs_file, tmp_path_factory) -> str:
+def prose_bytes(docs_file, tmp_path_factory) -> str:
     """The docstring corpus, byte tokenizer (vocab 257); one document, so no val split of its own."""
     from bigtrain.data.prepare import prepare
     out = tmp_path_factory.mktemp("data") / "docs_bytes"
@@ -67,7 +65,7 @@ def shakespeare_bytes(docs_file, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def shakespeare_char(docs_file, tmp_path_factory) -> str:
+def prose_char(docs_file, tmp_path_factory) -> str:
     """The docstring corpus, char tokenizer (vocab ~76): the nanoGPT CPU recipe's kind of data."""
     from bigtrain.data.prepare import prepare
     out = tmp_path_factory.mktemp("data") / "docs_char"

@@ -44,18 +44,18 @@ def tree(root: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- one process (backend: none)
 
 @pytest.fixture(scope="module")
-def local_run(shakespeare_bytes, tmp_path_factory) -> Path:
+def local_run(prose_bytes, tmp_path_factory) -> Path:
     """8 steps with dropout (so the RNG state matters), async saves every 2 steps, keep 2."""
     run = tmp_path_factory.mktemp("local") / "a"
-    fit(tiny_config(shakespeare_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
+    fit(tiny_config(prose_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
                     checkpoint__every=2, checkpoint__keep=2, checkpoint__async=True))
     return run
 
 
-def test_resume_is_bitwise_and_retention_keeps_the_newest(local_run, shakespeare_bytes, tmp_path):
+def test_resume_is_bitwise_and_retention_keeps_the_newest(local_run, prose_bytes, tmp_path):
     assert [s for s, _ in committed(local_run / "checkpoints")] == [6, 8]
     assert not list((local_run / "checkpoints").glob("*.tmp"))
-    resumed = fit(tiny_config(shakespeare_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
+    resumed = fit(tiny_config(prose_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
                               checkpoint__resume=str(local_run / "checkpoints" / "step-00000006")))
     assert last_losses(tmp_path) == {s: v for s, v in last_losses(local_run).items() if s > 6}
     assert same_parameters(resumed.model, load_model(local_run))
@@ -64,17 +64,17 @@ def test_resume_is_bitwise_and_retention_keeps_the_newest(local_run, shakespeare
     assert event["event"] == "resume" and event["step"] == 6 and event["path"].endswith("step-00000006")
 
 
-def test_async_save_writes_what_a_sync_save_writes(local_run, shakespeare_bytes, tmp_path):
-    fit(tiny_config(shakespeare_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
+def test_async_save_writes_what_a_sync_save_writes(local_run, prose_bytes, tmp_path):
+    fit(tiny_config(prose_bytes, tmp_path, model__dropout=0.1, schedule__max_steps=STEPS,
                     checkpoint__every=2, checkpoint__keep=2))
     assert same_parameters(load_model(tmp_path, step=6), load_model(local_run, step=6))
     assert last_losses(tmp_path) == last_losses(local_run)
 
 
-def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, tmp_path):
+def test_async_save_holds_the_update_until_the_copy_is_taken(prose_bytes, tmp_path):
     """An async save copies the state to CPU in the background; an update that comes before
     the copy is complete must wait for it, or the checkpoint would mix two steps."""
-    cfg = tiny_config(shakespeare_bytes, tmp_path, model__n_layer=6, model__d_model=512, model__n_head=8,
+    cfg = tiny_config(prose_bytes, tmp_path, model__n_layer=6, model__d_model=512, model__n_head=8,
                       model__seq_len=2, batch__global_size=1, batch__micro_size=1, checkpoint__async=True)
     trainer = Trainer(cfg, CPU)
     try:
@@ -92,12 +92,12 @@ def test_async_save_holds_the_update_until_the_copy_is_taken(shakespeare_bytes, 
         trainer.close()
 
 
-def test_a_rollback_target_outlives_retention_and_the_abandoned_timeline_is_deleted(shakespeare_char, tmp_path,
+def test_a_rollback_target_outlives_retention_and_the_abandoned_timeline_is_deleted(prose_char, tmp_path,
                                                                                      capsys):
     """keep=2 with a save every step: the episode's own saves (40, 41) would push step 39, the
     last checkpoint before it, out of retention. It stays pinned, the run rolls back to it, and
     the checkpoints of the abandoned timeline are deleted before training goes on."""
-    fit(tiny_config(shakespeare_char, tmp_path, schedule__max_steps=44, schedule__decay="constant", eval__batches=0,
+    fit(tiny_config(prose_char, tmp_path, schedule__max_steps=44, schedule__decay="constant", eval__batches=0,
                     checkpoint__every=1, checkpoint__keep=2, stability__window=32, stability__warmup=20,
                     faults__spike_at=[40, 41, 42]))
     decisions = [e for e in read_jsonl(tmp_path / "ledger.jsonl") if e["event"] in ("rollback", "abort")]
@@ -138,24 +138,24 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_is_touched(case, local_run, shakespeare_bytes,
+def test_a_bad_checkpoint_is_one_line_exit_2_and_nothing_is_touched(case, local_run, prose_bytes,
                                                                     tmp_path, capsys):
     damage, extra, message = BAD[case]
     run = damaged_run(local_run, tmp_path, damage)
     before = tree(run)
-    overrides = tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS)
+    overrides = tiny_overrides(prose_bytes, run, schedule__max_steps=STEPS)
     code = main(["train", SMOKE, *overrides, *[e.format(run=run) for e in extra]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err, err
     assert tree(run) == before  # nothing deleted, nothing written (not even config.yaml)
 
 
-def test_fallback_to_an_older_checkpoint_only_when_asked(local_run, shakespeare_bytes, tmp_path):
+def test_fallback_to_an_older_checkpoint_only_when_asked(local_run, prose_bytes, tmp_path):
     run = damaged_run(local_run, tmp_path, lambda c: flip_byte(c / "__0_0.distcp"))
-    proc = bigtrain(["train", SMOKE, *tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS)])
+    proc = bigtrain(["train", SMOKE, *tiny_overrides(prose_bytes, run, schedule__max_steps=STEPS)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "checkpoint.fallback" in proc.stderr
-    fit(tiny_config(shakespeare_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
+    fit(tiny_config(prose_bytes, run, model__dropout=0.1, schedule__max_steps=STEPS,
                     checkpoint__fallback=True))
     (event,) = read_jsonl(run / "ledger.jsonl")
     assert event["step"] == 6 and "corrupted" in event["passed_over"][0]
@@ -191,14 +191,14 @@ CHANGED = {  # run fixture, overrides, what the one line must say
 
 
 @pytest.mark.parametrize("case", sorted(CHANGED))
-def test_resume_on_another_data_order_is_one_line_exit_2(case, request, other_corpus, shakespeare_bytes, tmp_path,
+def test_resume_on_another_data_order_is_one_line_exit_2(case, request, other_corpus, prose_bytes, tmp_path,
                                                           capsys):
     source, extra, message = CHANGED[case]
     run = tmp_path / "run"
     shutil.copytree(request.getfixturevalue(source) / "checkpoints", run / "checkpoints")
     shutil.copy(request.getfixturevalue(source) / "config.yaml", run / "config.yaml")
     before = tree(run)
-    overrides = tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS + 2)
+    overrides = tiny_overrides(prose_bytes, run, schedule__max_steps=STEPS + 2)
     code = main(["train", SMOKE, *overrides, *[e.format(other=other_corpus) for e in extra]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err, err
@@ -207,15 +207,15 @@ def test_resume_on_another_data_order_is_one_line_exit_2(case, request, other_co
     assert {k: v for k, v in tree(run).items() if not k.startswith(("metrics", "ledger", "tb"))} == before
 
 
-def test_an_intended_data_change_resumes_with_the_override(local_run, shakespeare_bytes, tmp_path):
+def test_an_intended_data_change_resumes_with_the_override(local_run, prose_bytes, tmp_path):
     shutil.copytree(local_run / "checkpoints", tmp_path / "checkpoints")
-    resumed = fit(tiny_config(shakespeare_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 2,
+    resumed = fit(tiny_config(prose_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 2,
                               checkpoint__accept_data_change=True))
     assert resumed.state.step == STEPS + 2 and sorted(last_losses(tmp_path)) == [STEPS + 1, STEPS + 2]
     (event,) = read_jsonl(tmp_path / "ledger.jsonl")
     assert event["event"] == "resume" and event["step"] == STEPS
     # its own checkpoints carry the new order: going on with seed 8 needs no override any more
-    fit(tiny_config(shakespeare_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 4))
+    fit(tiny_config(prose_bytes, tmp_path, seed=8, schedule__max_steps=STEPS + 4))
     assert sorted(last_losses(tmp_path)) == list(range(STEPS + 1, STEPS + 5))
 
 
@@ -232,25 +232,26 @@ def launch(nproc: int, data: str, run: Path, *extra: str, restarts: int = 0, bac
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(shakespeare_bytes, tmp_path_factory) -> Path:
+def fsdp_run(prose_bytes, tmp_path_factory) -> Path:
     """The uninterrupted reference on 2 ranks, async saves at steps 4 and 8."""
     run = tmp_path_factory.mktemp("fsdp") / "clean"
-    proc = launch(2, shakespeare_bytes, run, "checkpoint.every=4", "checkpoint.async=true")
+    proc = launch(2, prose_bytes, run, "checkpoint.every=4", "checkpoint.async=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
-def test_kill9_and_crash_mid_save_recover_to_the_uninterrupted_run(fsdp_run, shakespeare_bytes, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_kill9_and_crash_mid_save_recover_to_the_uninterrupted_run(fsdp_run, prose_bytes, tmp_path):
     run = tmp_path / "crashy"
     faults = ["checkpoint.every=4", "faults.rank=1", "faults.crash_in_checkpoint_at=8"]
     # rank 1 dies while step 8 is being written: step 4 is committed, step 8 only a .tmp
-    proc = launch(2, shakespeare_bytes, run, *faults)
+    proc = launch(2, prose_bytes, run, *faults)
     assert proc.returncode != 0
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008.tmp"]
     assert (ckpts / "step-00000008.tmp" / ".metadata").exists()  # shards were written, never committed
     # again, under torchrun --max-restarts 1, and now rank 1 is also killed at step 6
-    proc = launch(2, shakespeare_bytes, run, *faults, "faults.crash_at=[6]", restarts=1)
+    proc = launch(2, prose_bytes, run, *faults, "faults.crash_at=[6]", restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("removed unfinished write") == 1
     assert [(e["event"], e["step"]) for e in read_jsonl(run / "ledger.jsonl")] == [("resume", 4), ("resume", 4)]
@@ -259,15 +260,16 @@ def test_kill9_and_crash_mid_save_recover_to_the_uninterrupted_run(fsdp_run, sha
     assert same_parameters(load_model(run), load_model(fsdp_run))
 
 
-def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespeare_bytes, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, prose_bytes, tmp_path):
     # 2 -> 1: the 2-rank checkpoint of step 4 on one rank; it saves at 6 and 8
     one = tmp_path / "one"
-    proc = launch(1, shakespeare_bytes, one, "checkpoint.every=2",
+    proc = launch(1, prose_bytes, one, "checkpoint.every=2",
                   f"checkpoint.resume={fsdp_run}/checkpoints/step-00000004")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 1 -> 2: that 1-rank checkpoint of step 6 on two ranks
     two = tmp_path / "two"
-    proc = launch(2, shakespeare_bytes, two, f"checkpoint.resume={one}/checkpoints/step-00000006")
+    proc = launch(2, prose_bytes, two, f"checkpoint.resume={one}/checkpoints/step-00000006")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     reference = last_losses(fsdp_run)
@@ -276,10 +278,10 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespea
         assert sorted(losses) == list(range(first, STEPS + 1))
         assert losses == pytest.approx({s: reference[s] for s in losses}, rel=1e-5, abs=0)
     # restarted with the same command, the 1-rank run goes on from its own newest checkpoint
-    again = tiny_config(shakespeare_bytes, one, checkpoint__resume=f"{fsdp_run}/checkpoints/step-00000004")
+    again = tiny_config(prose_bytes, one, checkpoint__resume=f"{fsdp_run}/checkpoints/step-00000004")
     assert select(again, 1) == (one / "checkpoints" / "step-00000008", [])
     # the data position is what the uninterrupted run had, and the order depends on nothing else
-    cfg = tiny_config(shakespeare_bytes, tmp_path)
+    cfg = tiny_config(prose_bytes, tmp_path)
     resumed = Trainer(cfg, CPU)
     try:
         resumed.checkpointer.load(one / "checkpoints" / "step-00000006", resumed.parts())
@@ -293,18 +295,19 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, shakespea
 
 # ---------------------------------------------------------------- DeepSpeed (ZeRO-2, its own format)
 
-def test_deepspeed_resume_is_bitwise_and_another_world_size_is_refused(shakespeare_bytes, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_deepspeed_resume_is_bitwise_and_another_world_size_is_refused(prose_bytes, tmp_path):
     ds = ("parallel.zero_stage=2", "checkpoint.every=4")
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     step4 = f"checkpoint.resume={clean}/checkpoints/step-00000004"
-    proc = launch(2, shakespeare_bytes, clean, *ds, backend="deepspeed")
+    proc = launch(2, prose_bytes, clean, *ds, backend="deepspeed")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch(2, shakespeare_bytes, resumed, *ds, step4, backend="deepspeed")
+    proc = launch(2, prose_bytes, resumed, *ds, step4, backend="deepspeed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_losses(resumed) == {s: v for s, v in last_losses(clean).items() if s > 4}
     assert same_parameters(load_model(resumed), load_model(clean))  # ZeRO partitions gathered
     # DeepSpeed cannot repartition ZeRO optimizer state for another world size: refused up front
-    proc = bigtrain(train_args(shakespeare_bytes, tmp_path / "one", *ds, step4, backend="deepspeed"))
+    proc = bigtrain(train_args(prose_bytes, tmp_path / "one", *ds, step4, backend="deepspeed"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds deepspeed shards for 2 ranks" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -32,9 +32,9 @@ CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
-def runs(shakespeare_char, tmp_path_factory):
+def runs(prose_char, tmp_path_factory):
     root = tmp_path_factory.mktemp("culprits")
-    planted = plant(shakespeare_char, root / "planted", tiny_config(shakespeare_char, root / "x", **RUN),
+    planted = plant(prose_char, root / "planted", tiny_config(prose_char, root / "x", **RUN),
                     BAD_STEPS, fraction=0.5, seed=1)
     data = str(root / "planted")
     trained = {name: fit(tiny_config(data, root / name, **{**RUN, **extra})) for name, extra in
@@ -80,6 +80,7 @@ def test_a_rollback_skips_only_the_culprits_and_the_window_policy_still_skips_th
     assert culprit_run.state.position == 50 * B + len(runs["planted"])
 
 
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
 def test_two_fsdp_ranks_find_what_one_process_finds(runs, tmp_path):
     batches = json.dumps([p.tolist() for p, _ in episode(runs, BAD_STEPS)])
     run_dir = str(runs["trained"]["culprits"].run_dir)

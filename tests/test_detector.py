@@ -133,19 +133,19 @@ def test_from_config_uses_every_stability_setting():
 
 
 # ---------------------------------------------------------------- end to end: real bad data, real run
-def test_planted_garbage_is_caught_and_the_clean_run_is_left_alone(shakespeare_char, tmp_path):
+def test_planted_garbage_is_caught_and_the_clean_run_is_left_alone(prose_char, tmp_path):
     """Random tokens over every sample of steps 12-16, right after the default warm-up: the first
     three are judged spikes and roll back; the rest are skipped after the rollback, so no planted
     sample ever reaches an update. The same run on the clean corpus has no anomaly at all."""
     common = dict(batch__global_size=16, batch__micro_size=16, model__seq_len=32, schedule__warmup_steps=10,
                   optim__lr=1e-3, schedule__max_steps=30, checkpoint__every=5, checkpoint__keep=10, eval__batches=0)
-    fit(tiny_config(shakespeare_char, tmp_path / "clean", **common))
+    fit(tiny_config(prose_char, tmp_path / "clean", **common))
     assert [e for e in read_jsonl(tmp_path / "clean" / "ledger.jsonl")
             if e["event"] in ("spike", "nonfinite", "skip", "rollback", "abort")] == []
 
     steps = [12, 13, 14, 15, 16]
-    cfg = tiny_config(shakespeare_char, tmp_path / "planted", **common)
-    planted = plant(shakespeare_char, tmp_path / "garbage", cfg, steps)
+    cfg = tiny_config(prose_char, tmp_path / "planted", **common)
+    planted = plant(prose_char, tmp_path / "garbage", cfg, steps)
     fit(tiny_config(str(tmp_path / "garbage"), tmp_path / "planted", **common))
     ledger = read_jsonl(tmp_path / "planted" / "ledger.jsonl")
     spikes = [e for e in ledger if e["event"] == "spike"]

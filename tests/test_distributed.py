@@ -43,13 +43,13 @@ def torchrun_worker(out: Path, data: str, specs: list[str], *extra: str, timeout
 
 
 @pytest.fixture(scope="module")
-def runs(shakespeare_bytes, tmp_path_factory) -> Path:
+def runs(prose_bytes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    one = subprocess.run([sys.executable, WORKER, str(out / "world1"), shakespeare_bytes, "none", *ONE,
+    one = subprocess.run([sys.executable, WORKER, str(out / "world1"), prose_bytes, "none", *ONE,
                           "--skip", str(SKIP)], cwd=REPO, env=ds_env(2), capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun_worker(out / "world2", shakespeare_bytes, TWO, "--skip", str(SKIP))
+    two = torchrun_worker(out / "world2", prose_bytes, TWO, "--skip", str(SKIP))
     assert two.returncode == 0, two.stderr[-3000:]
     return out
 
@@ -118,10 +118,10 @@ def test_a_skipped_step_changes_nothing(runs, run):
         assert after["adam_steps"] == SKIP and after["params"] != skipped["params"]
 
 
-def test_a_failing_rank_ends_the_job(shakespeare_bytes, tmp_path):
+def test_a_failing_rank_ends_the_job(prose_bytes, tmp_path):
     """Rank 1 raises while rank 0 waits in a collective: the job exits non-zero long
     before the process-group timeout (600 s), with rank 1's traceback."""
-    r = torchrun_worker(tmp_path, shakespeare_bytes, ["fsdp"], "--fail-rank", "1", timeout=120)
+    r = torchrun_worker(tmp_path, prose_bytes, ["fsdp"], "--fail-rank", "1", timeout=120)
     assert r.returncode != 0
     assert "deliberate failure on rank 1" in r.stderr and "[rank 1] failed; ending the job" in r.stderr
 
@@ -148,9 +148,10 @@ def test_process_layout_from_the_launcher_environment(monkeypatch, env, layout):
     assert process_layout() == layout
 
 
-def test_launch_prints_and_runs_torchrun_for_fsdp(shakespeare_bytes, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_launch_prints_and_runs_torchrun_for_fsdp(prose_bytes, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(shakespeare_bytes, run_dir, schedule__max_steps=3, parallel__precision="bf16")
+    overrides = tiny_overrides(prose_bytes, run_dir, schedule__max_steps=3, parallel__precision="bf16")
     r = bigtrain(["launch", "configs/smoke-2rank.yaml", "--nproc-per-node", "2", *overrides], env=rank_env(1))
     assert r.returncode == 0, r.stderr[-3000:]
     command = r.stdout.splitlines()[0]
@@ -159,8 +160,8 @@ def test_launch_prints_and_runs_torchrun_for_fsdp(shakespeare_bytes, tmp_path):
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row] == [1, 2, 3]
 
 
-def test_launch_commands_for_deepspeed_and_several_nodes(shakespeare_bytes, tmp_path):
-    overrides = [f"data.path={shakespeare_bytes}", f"run_dir={tmp_path}", "batch.micro_size=2"]
+def test_launch_commands_for_deepspeed_and_several_nodes(prose_bytes, tmp_path):
+    overrides = [f"data.path={prose_bytes}", f"run_dir={tmp_path}", "batch.micro_size=2"]
     ds = build("configs/gpt2-124m-zero3.yaml", overrides, Topology(4))
     assert ds.command[1:2] == ["--num_gpus=4"] and Path(ds.command[0]).name == "deepspeed"
     assert ds.command[3:] == ["--module", "bigtrain", "train", "configs/gpt2-124m-zero3.yaml", *overrides]
@@ -172,9 +173,9 @@ def test_launch_commands_for_deepspeed_and_several_nodes(shakespeare_bytes, tmp_
     assert ds_multi.hostfile == tmp_path / "hostfile" and not ds_multi.hostfile.exists()  # written at launch
 
 
-def test_launcher_scripts_print_the_command(shakespeare_bytes, tmp_path):
+def test_launcher_scripts_print_the_command(prose_bytes, tmp_path):
     env = {**rank_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
-    args = ["configs/gpt2-124m-zero2.yaml", f"data.path={shakespeare_bytes}", "batch.micro_size=2", "--dry-run"]
+    args = ["configs/gpt2-124m-zero2.yaml", f"data.path={prose_bytes}", "batch.micro_size=2", "--dry-run"]
     for script, expect in [("torchrun.sh", "torchrun --nproc-per-node=2 --standalone -m bigtrain train"),
                            ("deepspeed.sh", "deepspeed --num_gpus=2 --master_port=")]:
         r = subprocess.run(["bash", f"launcher/{script}", *args], cwd=REPO, env=env, capture_output=True,
@@ -182,9 +183,9 @@ def test_launcher_scripts_print_the_command(shakespeare_bytes, tmp_path):
         assert r.returncode == 0 and expect in r.stdout, r.stderr
 
 
-def test_launch_rejects_a_world_that_does_not_divide_the_batch(shakespeare_bytes, tmp_path):
+def test_launch_rejects_a_world_that_does_not_divide_the_batch(prose_bytes, tmp_path):
     r = bigtrain(["launch", "configs/smoke-2rank.yaml", "--nproc-per-node", "3",
-                  f"data.path={shakespeare_bytes}", f"run_dir={tmp_path / 'run'}"])
+                  f"data.path={prose_bytes}", f"run_dir={tmp_path / 'run'}"])
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == ("config error: batch size 16 is not a multiple of batch.micro_size=8 "
                                 "x world size 3")

@@ -31,10 +31,10 @@ def train(data: str, run_dir, **options) -> None:
 
 
 @pytest.mark.parametrize("arch,options", [("GPT2LMHeadModel", GPT2), ("LlamaForCausalLM", LLAMA)])
-def test_export_round_trip_through_transformers(arch, options, shakespeare_bytes, tmp_path):
+def test_export_round_trip_through_transformers(arch, options, prose_bytes, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run, out = tmp_path / "run", tmp_path / "hf"
-    train(shakespeare_bytes, run, **options)
+    train(prose_bytes, run, **options)
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
         {p.name for p in out.iterdir()}
@@ -44,7 +44,7 @@ def test_export_round_trip_through_transformers(arch, options, shakespeare_bytes
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     text = "ROMEO:\nBut soft, what light through yonder window breaks?"
     ids = AutoTokenizer.from_pretrained(str(out))(text)["input_ids"]
-    assert ids == open_data(shakespeare_bytes).tokenizer.encode(text)
+    assert ids == open_data(prose_bytes).tokenizer.encode(text)
     ours = load_model(run)
     batch = torch.tensor([ids[:32], ids[-32:]])
     with torch.no_grad():
@@ -52,18 +52,18 @@ def test_export_round_trip_through_transformers(arch, options, shakespeare_bytes
     assert torch.equal(ours.tok_emb.weight, hf.get_input_embeddings().weight)  # exported as stored
 
 
-def test_export_refuses_what_no_hf_class_computes(shakespeare_bytes, tmp_path, capsys):
+def test_export_refuses_what_no_hf_class_computes(prose_bytes, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.qk_norm=False"):
         hf_architecture(ModelConfig(vocab_size=97, **{k.split("__")[1]: v for k, v in LLAMA.items()},
                                     qk_norm=True))
     run, out = tmp_path / "run", tmp_path / "hf"
-    train(shakespeare_bytes, run, model__pos="rope", schedule__max_steps=1)  # gpt2-like with rope
+    train(prose_bytes, run, model__pos="rope", schedule__max_steps=1)  # gpt2-like with rope
     assert main(["export", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "GPT2LMHeadModel, needs model.pos='learned'" in err and "\n" not in err
     assert not out.exists()
     # a non-empty --out is never written into
-    train(shakespeare_bytes, tmp_path / "ok", schedule__max_steps=1)
+    train(prose_bytes, tmp_path / "ok", schedule__max_steps=1)
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(["export", str(tmp_path / "ok"), "--out", str(out)]) == 2

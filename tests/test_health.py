@@ -22,8 +22,8 @@ def events_of(run_dir) -> list[dict]:
     return read_jsonl(run_dir / "ledger.jsonl")
 
 
-def test_detail_metrics_only_on_detail_steps_and_match_hand_computed(shakespeare_bytes, tmp_path):
-    cfg = tiny_config(shakespeare_bytes, tmp_path, logging__detail_every=3, schedule__max_steps=6,
+def test_detail_metrics_only_on_detail_steps_and_match_hand_computed(prose_bytes, tmp_path):
+    cfg = tiny_config(prose_bytes, tmp_path, logging__detail_every=3, schedule__max_steps=6,
                       logging__tensorboard=True)
     trainer = Trainer(cfg, CPU)
     before, seen = {}, {"blocks.1": [], "logits": []}
@@ -65,13 +65,13 @@ def poison(trainer: Trainer, module: str, step: int, fn) -> None:
         lambda m, args, out: fn(out) if trainer.state.step + 1 == step else None)
 
 
-def test_anomaly_trace_names_the_module_and_the_backward_op(shakespeare_bytes, tmp_path):
+def test_anomaly_trace_names_the_module_and_the_backward_op(prose_bytes, tmp_path):
     """Forward: a NaN out of blocks.1.mlp at step 2. Backward: sqrt(0) in blocks.0.attn's output
     at step 4 is finite forward, infinite backward. The run skips both and goes on; tracing
     leaves the run exactly as it would have been without it."""
     finals = {}
     for trace in (True, False):
-        cfg = tiny_config(shakespeare_bytes, tmp_path / str(trace), stability__trace_anomalies=trace,
+        cfg = tiny_config(prose_bytes, tmp_path / str(trace), stability__trace_anomalies=trace,
                           schedule__max_steps=6)
         trainer = Trainer(cfg, CPU)
         poison(trainer, "blocks.1.mlp", 2, lambda out: out * float("nan"))
@@ -95,7 +95,8 @@ def test_anomaly_trace_names_the_module_and_the_backward_op(shakespeare_bytes, t
         assert torch.equal(p, finals[False][name]), name
 
 
-def test_fsdp_detail_metrics_and_trace_match_one_process(shakespeare_bytes, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_fsdp_detail_metrics_and_trace_match_one_process(prose_bytes, tmp_path):
     """2 ranks of FSDP2 (sharded DTensors): the same detail numbers as one process, and a NaN
     that only rank 1 sees is traced to its module and reported once."""
     import subprocess
@@ -105,10 +106,10 @@ def test_fsdp_detail_metrics_and_trace_match_one_process(shakespeare_bytes, tmp_
     env = {**rank_env(1), "PYTHONPATH": str(REPO / "tests")}
     fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *worker, "1",
-                           *tiny_overrides(shakespeare_bytes, tmp_path / "fsdp", parallel__backend="fsdp", **common)],
+                           *tiny_overrides(prose_bytes, tmp_path / "fsdp", parallel__backend="fsdp", **common)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    one = subprocess.run([sys.executable, *worker, "0", *tiny_overrides(shakespeare_bytes, tmp_path / "one", **common)],
+    one = subprocess.run([sys.executable, *worker, "0", *tiny_overrides(prose_bytes, tmp_path / "one", **common)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     sharded, single = details(tmp_path / "fsdp"), details(tmp_path / "one")

@@ -62,12 +62,13 @@ def events(run_dir: Path) -> list[tuple[str, int]]:
             if e["event"] in ("preempt", "resume")]
 
 
-def test_sigterm_and_stop_file_checkpoint_exit_0_and_resume_exactly(shakespeare_bytes, tmp_path, start):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_sigterm_and_stop_file_checkpoint_exit_0_and_resume_exactly(prose_bytes, tmp_path, start):
     """Run 1 gets SIGTERM, run 2 (resumed) finds a STOP file, run 3 finishes: together they
     train exactly what one uninterrupted run trains."""
     def command(run_dir: Path) -> list[str]:
         return [sys.executable, "-m", "bigtrain", "train", write_config(tmp_path),
-                *tiny_overrides(shakespeare_bytes, run_dir, schedule__max_steps=STEPS)]
+                *tiny_overrides(prose_bytes, run_dir, schedule__max_steps=STEPS)]
 
     reference, run = tmp_path / "reference", tmp_path / "run"
     uninterrupted = start(command(reference), rank_env(1))  # alongside, to save wall time
@@ -98,13 +99,14 @@ def test_sigterm_and_stop_file_checkpoint_exit_0_and_resume_exactly(shakespeare_
     assert losses == expected
 
 
-def test_signal_to_one_rank_stops_every_rank_at_the_same_step(shakespeare_bytes, tmp_path, start):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(prose_bytes, tmp_path, start):
     """Two ranks under torchrun; only rank 1 gets SIGUSR1. Both agree, the checkpoint (a
     collective) is committed, and torchrun exits 0."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "bigtrain", "train", write_config(tmp_path),
-           *tiny_overrides(shakespeare_bytes, run, schedule__max_steps=STEPS)]
+           *tiny_overrides(prose_bytes, run, schedule__max_steps=STEPS)]
     proc = start(cmd, rank_env(1))
     wait_for_step(run, 3, proc)
     [rank1] = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]

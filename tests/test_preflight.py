@@ -14,10 +14,10 @@ from bigtrain.data.splits import open_splits
 from helpers import bigtrain, tiny_config, tiny_overrides
 
 
-def test_preflight_passes_on_the_smoke_config(shakespeare_bytes, tmp_path):
+def test_preflight_passes_on_the_smoke_config(prose_bytes, tmp_path):
     """The CLI on configs/smoke.yaml (tiny overrides): exit 0, every check passes, and the
     decoded samples are the first global batch of the real sample order."""
-    args = ["preflight", "configs/smoke.yaml", *tiny_overrides(shakespeare_bytes, tmp_path / "run"),
+    args = ["preflight", "configs/smoke.yaml", *tiny_overrides(prose_bytes, tmp_path / "run"),
             "--json", "--lr-range", "--lr-range-steps", "60"]
     out = bigtrain(args, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -27,11 +27,11 @@ def test_preflight_passes_on_the_smoke_config(shakespeare_bytes, tmp_path):
                                                  "overfit", "lr_range"]
     assert all(c["status"] == "pass" for c in checks.values()), checks
 
-    cfg = tiny_config(shakespeare_bytes, tmp_path / "run")
+    cfg = tiny_config(prose_bytes, tmp_path / "run")
     _, train, _ = open_splits(cfg)
     order = SampleOrder(train.num_samples(cfg.model.seq_len), cfg.seed)
     first = order.sample_at(order.next_batch(0, cfg.batch.global_size)[0])
-    tokenizer = open_data(shakespeare_bytes).tokenizer
+    tokenizer = open_data(prose_bytes).tokenizer
     for i, shown in enumerate(report["samples"]):
         assert shown["position"] == i and shown["sample"] == first[i]
         assert shown["ids"] == train.sample(int(first[i]), cfg.model.seq_len).tolist()
@@ -54,13 +54,13 @@ def _failed(report) -> set[str]:
     return {c.name for c in report.checks if c.status == "fail"}
 
 
-def test_preflight_names_what_is_broken(shakespeare_bytes, tmp_path):
+def test_preflight_names_what_is_broken(prose_bytes, tmp_path):
     run = tmp_path / "run"
-    absurd = run_preflight(tiny_config(shakespeare_bytes, run, optim__lr=1e3), lr_range=True, lr_range_steps=60)
+    absurd = run_preflight(tiny_config(prose_bytes, run, optim__lr=1e3), lr_range=True, lr_range_steps=60)
     assert _failed(absurd) == {"overfit", "lr_range"}, absurd.format()
     assert absurd.check("lr_range").details["diverged_at"] < 1e3
 
-    cfg = tiny_config(shakespeare_bytes, run)
+    cfg = tiny_config(prose_bytes, run)
 
     def head_cut_off() -> GPT:
         """The head sees a detached copy of the network's output: no gradient reaches the blocks."""
@@ -80,18 +80,18 @@ def test_preflight_names_what_is_broken(shakespeare_bytes, tmp_path):
     dead = run_preflight(cfg, model_fn=head_detached)
     assert _failed(dead) == {"gradients"} and dead.check("overfit").status == "skip"
 
-    bigger = run_preflight(tiny_config(shakespeare_bytes, run, model__vocab_size=300), overfit_steps=5)
+    bigger = run_preflight(tiny_config(prose_bytes, run, model__vocab_size=300), overfit_steps=5)
     assert "vocab" in _failed(bigger) and "300" in bigger.check("vocab").summary
-    smaller = run_preflight(tiny_config(shakespeare_bytes, run, model__vocab_size=64))
+    smaller = run_preflight(tiny_config(prose_bytes, run, model__vocab_size=64))
     assert _failed(smaller) == {"vocab"} and smaller.check("overfit").status == "skip"  # ids >= 64 cannot embed
 
 
-def test_preflight_exit_codes(shakespeare_bytes, tmp_path):
+def test_preflight_exit_codes(prose_bytes, tmp_path):
     """A failing check exits 1 with the table naming it; bad input exits 2 with one line."""
     failing = bigtrain(["preflight", "configs/smoke.yaml",
-                        *tiny_overrides(shakespeare_bytes, tmp_path / "run", optim__lr=1e3)], timeout=600)
+                        *tiny_overrides(prose_bytes, tmp_path / "run", optim__lr=1e3)], timeout=600)
     assert failing.returncode == 1, failing.stderr[-3000:]
     assert "preflight FAILED: overfit" in failing.stdout and "Traceback" not in failing.stderr
-    bad = bigtrain(["preflight", "configs/smoke.yaml", f"data.path={shakespeare_bytes}", "optim.lrr=1"])
+    bad = bigtrain(["preflight", "configs/smoke.yaml", f"data.path={prose_bytes}", "optim.lrr=1"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "optim.lrr" in bad.stderr
     assert bad.stdout == ""

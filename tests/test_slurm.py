@@ -79,14 +79,14 @@ def tiny(tmp_path: Path, data: str, run_dir: Path, steps: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm, shakespeare_bytes, tmp_path):
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm, prose_bytes, tmp_path):
     """train.sbatch, 2 ranks: SIGUSR1 to the batch shell mid-run -> checkpoint, "preempt",
     `scontrol requeue` -> the same job resumes from the checkpoint and trains what an
     uninterrupted 2-rank run trains, to the last step."""
     run, log, reference = tmp_path / "run", tmp_path / "job.log", tmp_path / "reference"
     with ThreadPoolExecutor(1) as pool:  # the uninterrupted run goes alongside, to save wall time
-        uninterrupted = pool.submit(torchrun, 2, ["train", *tiny(tmp_path, shakespeare_bytes, reference, STEPS)])
-        job_id = sbatch(slurm, "slurm/train.sbatch", log, tiny(tmp_path, shakespeare_bytes, run, STEPS))
+        uninterrupted = pool.submit(torchrun, 2, ["train", *tiny(tmp_path, prose_bytes, reference, STEPS)])
+        job_id = sbatch(slurm, "slurm/train.sbatch", log, tiny(tmp_path, prose_bytes, run, STEPS))
         preempt_requeue_resume(slurm, job_id, run, log)
         result = uninterrupted.result()
     assert result.returncode == 0, result.stderr
@@ -120,14 +120,14 @@ def preempt_requeue_resume(slurm: dict, job_id: str, run: Path, log: Path) -> No
 
 
 @pytest.mark.slow
-def test_deepspeed_sbatch_runs_to_completion(slurm, shakespeare_bytes, tmp_path):
+def test_deepspeed_sbatch_runs_to_completion(slurm, prose_bytes, tmp_path):
     """train-deepspeed.sbatch: an srun-started DeepSpeed launcher per node (--no_ssh), 2 ranks."""
     if importlib.util.find_spec("bigtrain.parallel.deepspeed") is None:
         pytest.skip("the DeepSpeed backend (bigtrain/parallel/deepspeed.py) is not in this tree yet")
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     run, log = tmp_path / "run", tmp_path / "job.log"
-    job_id = sbatch(slurm, "slurm/train-deepspeed.sbatch", log, tiny(tmp_path, shakespeare_bytes, run, 6))
+    job_id = sbatch(slurm, "slurm/train-deepspeed.sbatch", log, tiny(tmp_path, prose_bytes, run, 6))
     wait_until("the DeepSpeed job to finish", lambda: finished(slurm, job_id), log, timeout=240)
     info = job(slurm, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()

@@ -38,15 +38,15 @@ def val_loss(run_dir) -> float:
 
 # ---------------------------------------------------------------- skip, rollback, inspect
 
-def test_spikes_are_skipped_then_rolled_back_past_and_the_run_ends_like_a_clean_one(shakespeare_char, tmp_path):
+def test_spikes_are_skipped_then_rolled_back_past_and_the_run_ends_like_a_clean_one(prose_char, tmp_path):
     """Two spikes: skipped. Three in a row: one rollback to the newest checkpoint before the
     episode, and a skip window (closed form) that no later step reads (checked with inspect).
     The run ends within 2% of the clean run's val loss."""
     common = dict(model__d_model=64, model__seq_len=64, batch__global_size=16, batch__micro_size=16,
                   schedule__warmup_steps=10, schedule__max_steps=150, eval__batches=4, logging__every=5,
                   checkpoint__every=25, stability__rollback_margin=2, **GUARD)
-    fit(tiny_config(shakespeare_char, tmp_path / "clean", **common))
-    spiky = fit(tiny_config(shakespeare_char, tmp_path / "spiky", faults__spike_at=[40, 41, 80, 81, 82], **common))
+    fit(tiny_config(prose_char, tmp_path / "clean", **common))
+    spiky = fit(tiny_config(prose_char, tmp_path / "spiky", faults__spike_at=[40, 41, 80, 81, 82], **common))
     run_dir = tmp_path / "spiky"
 
     assert [(e["event"], e["step"]) for e in events(run_dir, "spike", "nonfinite")] == \
@@ -86,13 +86,13 @@ def test_spikes_are_skipped_then_rolled_back_past_and_the_run_ends_like_a_clean_
         inspect_step(str(tmp_path / "nowhere"), 1)
 
 
-def test_resume_in_the_middle_of_an_episode_makes_the_same_decisions(shakespeare_char, tmp_path):
+def test_resume_in_the_middle_of_an_episode_makes_the_same_decisions(prose_char, tmp_path):
     """The checkpoint at step 40 is taken one anomalous step into an episode; a run resumed
     from it still counts that step and rolls back at 42, exactly as the uninterrupted run."""
     common = dict(checkpoint__every=5, schedule__decay="constant", faults__spike_at=[40, 41, 42], **GUARD)
-    fit(tiny_config(shakespeare_char, tmp_path / "whole", schedule__max_steps=50, **common))
-    fit(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=40, **common))
-    fit(tiny_config(shakespeare_char, tmp_path / "split", schedule__max_steps=50, **common))
+    fit(tiny_config(prose_char, tmp_path / "whole", schedule__max_steps=50, **common))
+    fit(tiny_config(prose_char, tmp_path / "split", schedule__max_steps=40, **common))
+    fit(tiny_config(prose_char, tmp_path / "split", schedule__max_steps=50, **common))
 
     def decisions(evs):
         return [{k: v for k, v in e.items() if k not in ("time", "checkpoint")} for e in evs]
@@ -111,9 +111,9 @@ def test_resume_in_the_middle_of_an_episode_makes_the_same_decisions(shakespeare
     assert [(x["verdict"], x["superseded"]) for x in attempts] == [("spike", True), ("ok", False)]
 
 
-def test_persistent_spikes_after_max_rollbacks_abort_with_exit_3(shakespeare_char, tmp_path):
+def test_persistent_spikes_after_max_rollbacks_abort_with_exit_3(prose_char, tmp_path):
     args = ["train", str(REPO / "configs" / "smoke.yaml"), *tiny_overrides(
-        shakespeare_char, tmp_path, schedule__max_steps=80, checkpoint__every=10, stability__max_rollbacks=1,
+        prose_char, tmp_path, schedule__max_steps=80, checkpoint__every=10, stability__max_rollbacks=1,
         faults__spike_at=[40, 41, 42, 60, 61, 62], logging__every=10, eval__batches=0,
         stability__window=32, stability__warmup=20, stability__threshold=6.0)]
     out = bigtrain(args, env=rank_env(1))
@@ -141,10 +141,10 @@ def train_args(data: str, run_dir, **overrides) -> list[str]:
     return ["train", str(plain), *tiny_overrides(data, run_dir, **overrides)]
 
 
-def test_retention_never_deletes_the_rollback_target(shakespeare_char, tmp_path):
+def test_retention_never_deletes_the_rollback_target(prose_char, tmp_path):
     """checkpoint.keep=2 with a checkpoint every step: steps 40 and 41 are saved during the
     episode, yet step 39, the target, is kept while the episode is open."""
-    fit(tiny_config(shakespeare_char, tmp_path, faults__spike_at=[40, 41, 42], checkpoint__every=1,
+    fit(tiny_config(prose_char, tmp_path, faults__spike_at=[40, 41, 42], checkpoint__every=1,
                     checkpoint__keep=2, **QUICK))
     (rollback,) = events(tmp_path, "rollback")
     assert (rollback["step"], rollback["to_step"]) == (42, 39)
@@ -152,31 +152,32 @@ def test_retention_never_deletes_the_rollback_target(shakespeare_char, tmp_path)
     assert [s for s, _ in committed(tmp_path / "checkpoints")] == [47, 48]  # retention as usual afterwards
 
 
-def test_without_periodic_checkpoints_the_first_episode_aborts_and_says_why(shakespeare_char, tmp_path, capsys):
+def test_without_periodic_checkpoints_the_first_episode_aborts_and_says_why(prose_char, tmp_path, capsys):
     with pytest.raises(StabilityAbort, match=r"no committed checkpoint before step 40 .*set checkpoint.every"):
-        fit(tiny_config(shakespeare_char, tmp_path, faults__spike_at=[40, 41, 42], **QUICK))
+        fit(tiny_config(prose_char, tmp_path, faults__spike_at=[40, 41, 42], **QUICK))
     assert "checkpoint.every=0 keeps no checkpoint to roll back to" in capsys.readouterr().out
     assert json.loads((tmp_path / "ABORTED").read_text())["step"] == 42
 
 
-def test_separate_episodes_each_roll_back_a_persistent_one_aborts(shakespeare_char, tmp_path):
+def test_separate_episodes_each_roll_back_a_persistent_one_aborts(prose_char, tmp_path):
     """stability.max_rollbacks counts per chain: the bad data of nominal steps 90-92 is met (at
     steps 83-85) long after the replay made 32 normal steps from step 40, so it gets a rollback of
     its own; test_persistent_spikes_... shows one that comes back too soon."""
-    fit(tiny_config(shakespeare_char, tmp_path, faults__spike_at=[40, 41, 42, 90, 91, 92], checkpoint__every=5,
+    fit(tiny_config(prose_char, tmp_path, faults__spike_at=[40, 41, 42, 90, 91, 92], checkpoint__every=5,
                     stability__max_rollbacks=1, **dict(QUICK, schedule__max_steps=90)))
     assert [(e["step"], e["to_step"], e["chain"]) for e in events(tmp_path, "rollback")] == [(42, 35, 1), (85, 80, 1)]
     assert not events(tmp_path, "abort")
 
 
-def test_a_crash_right_after_a_rollback_resumes_after_it(shakespeare_char, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_a_crash_right_after_a_rollback_resumes_after_it(prose_char, tmp_path):
     """kill -9 right after the rollback at step 42 (to step 38; step 40's checkpoint belongs to the
     abandoned timeline): torchrun restarts the job, which resumes from the rolled-back state,
     never reads the skipped window again, and ends exactly like the run without the crash."""
     common = dict(faults__spike_at=[40, 41, 42], checkpoint__every=2, **QUICK)
-    fit(tiny_config(shakespeare_char, tmp_path / "calm", **common))
+    fit(tiny_config(prose_char, tmp_path / "calm", **common))
     run = tmp_path / "crash"
-    out = torchrun(1, train_args(shakespeare_char, run, faults__crash_at=[42], **common),
+    out = torchrun(1, train_args(prose_char, run, faults__crash_at=[42], **common),
                    extra=["--max-restarts", "1"])
     assert out.returncode == 0, out.stderr[-3000:]
     ledger = [e for e in events(run, "spike", "rollback", "resume") if e["step"] >= 38]
@@ -190,11 +191,12 @@ def test_a_crash_right_after_a_rollback_resumes_after_it(shakespeare_char, tmp_p
     assert train_losses(run)[-10:] == train_losses(tmp_path / "calm")[-10:]
 
 
-def test_an_abort_is_final_across_restarts(shakespeare_char, tmp_path):
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
+def test_an_abort_is_final_across_restarts(prose_char, tmp_path):
     """torchrun --max-restarts 2: the first attempt aborts at step 42, the two restarts exit 3 at
     once without training a step; a changed stability config goes on (and rolls back)."""
     common = dict(faults__spike_at=[40, 41, 42], checkpoint__every=5, **QUICK)
-    out = torchrun(1, train_args(shakespeare_char, tmp_path, stability__max_rollbacks=0, **common),
+    out = torchrun(1, train_args(prose_char, tmp_path, stability__max_rollbacks=0, **common),
                    extra=["--max-restarts", "2"])
     assert out.returncode != 0
     assert out.stderr.count("aborted at step 42") == 3, out.stderr[-3000:]
@@ -204,14 +206,14 @@ def test_an_abort_is_final_across_restarts(shakespeare_char, tmp_path):
     mark = json.loads((tmp_path / "ABORTED").read_text())
     assert mark["step"] == 42 and "max_rollbacks=0" in mark["reason"]
 
-    fit(tiny_config(shakespeare_char, tmp_path, stability__max_rollbacks=1, **common))
+    fit(tiny_config(prose_char, tmp_path, stability__max_rollbacks=1, **common))
     assert [(e["step"], e["to_step"]) for e in events(tmp_path, "rollback")] == [(42, 35)]   # from step 40, mid-episode
     assert not (tmp_path / "ABORTED").exists()
 
 
-def test_skipped_steps_do_not_advance_the_lr_schedule(shakespeare_char, tmp_path):
+def test_skipped_steps_do_not_advance_the_lr_schedule(prose_char, tmp_path):
     """Megatron semantics: max_steps counts steps (batches), the LR follows applied updates."""
-    cfg = tiny_config(shakespeare_char, tmp_path, faults__nan_at=[3, 4, 7], schedule__max_steps=10,
+    cfg = tiny_config(prose_char, tmp_path, faults__nan_at=[3, 4, 7], schedule__max_steps=10,
                       schedule__warmup_steps=3, schedule__min_lr=3e-4, eval__batches=0)
     trained = fit(cfg)
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -233,8 +235,8 @@ def test_skipped_steps_do_not_advance_the_lr_schedule(shakespeare_char, tmp_path
 
 @pytest.mark.parametrize("enabled", [True, False])  # stability.enabled=false still never applies a NaN
 def test_nonfinite_step_leaves_weights_moments_and_step_count_untouched_and_never_reaches_a_checkpoint(
-        shakespeare_char, tmp_path, enabled):
-    cfg = tiny_config(shakespeare_char, tmp_path, faults__nan_at=[6, 7], schedule__max_steps=8,
+        prose_char, tmp_path, enabled):
+    cfg = tiny_config(prose_char, tmp_path, faults__nan_at=[6, 7], schedule__max_steps=8,
                       checkpoint__every=1, checkpoint__keep=10, eval__batches=0, stability__enabled=enabled)
     fit(cfg)
     assert [(e["event"], e["step"]) for e in events(tmp_path, "nonfinite")] == [("nonfinite", 6), ("nonfinite", 7)]
@@ -256,8 +258,9 @@ def test_nonfinite_step_leaves_weights_moments_and_step_count_untouched_and_neve
     assert not all(torch.equal(states[8][0][k], states[5][0][k]) for k in states[5][0])
 
 
+@pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
 def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_one_process(
-        shakespeare_char, tmp_path):
+        prose_char, tmp_path):
     """2 ranks, gloo, one launch. A NaN written into rank 1's gradients after the all-reduce:
     rank 0 never sees it, yet both skip (none and fsdp): each rank's weights, Adam moments and
     step count equal a run that stopped one step earlier. An FSDP run with a persistent spike
@@ -266,7 +269,7 @@ def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_
             "rollback": dict(faults__spike_at=[40, 41, 42], checkpoint__every=10, schedule__max_steps=50,
                              eval__batches=2, **GUARD)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(REPO / "tests" / "stability_ranks.py"), shakespeare_char,
+           "--master-port", str(free_port()), str(REPO / "tests" / "stability_ranks.py"), prose_char,
            str(tmp_path), json.dumps({k: dict(v, parallel__backend="fsdp") if k == "rollback" else v
                                       for k, v in runs.items()})]
     out = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
@@ -286,7 +289,7 @@ def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_
         return [(e["event"], e["step"], e.get("to_step"), e.get("skips"))
                 for e in events(run_dir) if e["event"] != "resume"]
     for name, overrides in runs.items():
-        single = fit(tiny_config(shakespeare_char, tmp_path / f"{name}1", **overrides))
+        single = fit(tiny_config(prose_char, tmp_path / f"{name}1", **overrides))
         one = [r["loss"] for r in read_jsonl(tmp_path / f"{name}1" / "metrics.jsonl") if "loss" in r]
         assert reports[0][name]["losses"] == pytest.approx(one, rel=1e-4), name
         assert [list(s) for s in single.order.skips] == reports[0][name]["skips"]
@@ -303,8 +306,8 @@ RAMP = dict(batch__global_size=32, batch__micro_size=4, batch__reference_size=16
 
 
 @pytest.mark.parametrize("rule", ["sqrt", "linear"])
-def test_lr_follows_the_ramped_batch_by_the_scaling_rule(shakespeare_char, tmp_path, rule):
-    fit(tiny_config(shakespeare_char, tmp_path, schedule__scaling=rule, eval__batches=0, **RAMP))
+def test_lr_follows_the_ramped_batch_by_the_scaling_rule(prose_char, tmp_path, rule):
+    fit(tiny_config(prose_char, tmp_path, schedule__scaling=rule, eval__batches=0, **RAMP))
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     samples = 0
