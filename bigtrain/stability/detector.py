@@ -50,7 +50,9 @@ over all, half or a quarter of the samples of 5 consecutive steps:
   right after warm-in below is no longer caught) and one skip on the clean traces.
 * **Half the bar right after a spike.** Bad data comes in runs of batches, and a
   bad batch scoring just under the threshold joins the trend and hides the rest of
-  its run: half of each batch garbage mid-run is caught only with it. Clean steps pass
+  its run: measured before the floor at the latest losses existed, a quarter of each
+  batch garbage at steps 12-16 scored 7.2, 5.98, 6.2, and without the lower bar four
+  of the five steps were applied. Clean steps pass
   z = 3 at a rate of 0.3-0.5%, so two more after a (never seen) clean spike would
   be a ~1e-5 event.
 * **A floor relative to the level.** A very quiet run (large batches, a flat loss)
