@@ -20,7 +20,7 @@ from bigtrain.data.order import SampleOrder
 
 @dataclass
 class Batch:
-    step_position: int          # stream position of the first sample
+    step_position: int          # the stream position the batch was asked for (its first unskipped one is positions[0])
     next_position: int          # stream position after the batch
     positions: np.ndarray       # the global batch's stream positions (all ranks)
     samples: np.ndarray         # the global batch's sample indices (all ranks)

@@ -12,8 +12,9 @@ GELU, GPT-2's "gelu_new") and ``rmsnorm + swiglu + rope + no bias`` is
 ``LlamaForCausalLM`` (hence HF's rotate-half RoPE convention).
 
 Nothing distributed lives here: FSDP/DeepSpeed wrap this module from outside,
-which is why the init is a re-runnable method (build on ``meta``, ``to_empty``,
-then ``init_weights()``) and why the loss is a free function returning sums.
+and the init is a re-runnable method (``init_weights()``), so a model built on
+``meta`` and materialised with ``to_empty`` could be initialised in place (today
+every rank builds it whole, then shards it); the loss is a free function returning sums.
 """
 from __future__ import annotations
 

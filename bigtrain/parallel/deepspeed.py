@@ -4,8 +4,8 @@ The DeepSpeed config is generated from ours by :func:`deepspeed_config` (micro
 batch, accumulation, bf16, clipping, AdamW with our hyperparameters); nobody
 writes DeepSpeed JSON by hand, so the two can never disagree. The optimizer is
 built by DeepSpeed from that config over :func:`bigtrain.optim.param_groups`,
-and the learning rate is ours: :meth:`DeepSpeedBackend.step` writes
-``lr_at(step, batch)`` into the param groups before every update.
+and the learning rate is ours: the trainer's ``lr_at(updates, batch)`` is written
+into the param groups before every update (:meth:`Backend.update`).
 
 DeepSpeed's engine has its own idea of a training step (``backward`` scales the
 loss by 1/accumulation steps, ``step`` counts micro-batches and updates on the
