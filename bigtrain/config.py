@@ -397,26 +397,5 @@ def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return resolve_vocab(build_config(tree))
 
 
-def reference_markdown() -> str:
-    """The README's config reference, generated from this schema (a test keeps them equal)."""
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            key = prefix + (info.alias or name)
-            ann = info.annotation
-            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type)
-                        and issubclass(c, BaseModel)), None)
-            if sub is not None and name != "rampup":
-                walk(sub, key + ".")
-                continue
-            default = "required" if info.is_required() else json.dumps(info.default)
-            meaning = (info.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | `{default}` | {meaning} |")
-
-    walk(Config, "")
-    return "\n".join(lines)
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -192,8 +192,8 @@ def test_weight_decay_groups():
 def test_readme_config_reference_is_generated_from_the_schema():
     from pathlib import Path
 
-    from bigtrain.config import reference_markdown
+    from bigtrain.config_reference import reference_markdown
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
     assert block == reference_markdown(), "README config reference is stale: regenerate it with " \
-        "python -c 'from bigtrain.config import reference_markdown as r; print(r())'"
+        "python -c 'from bigtrain.config_reference import reference_markdown as r; print(r())'"
