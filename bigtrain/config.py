@@ -9,25 +9,32 @@ so a typo is an error that names the key and suggests the nearest valid one,
 instead of a silently ignored setting discovered three days into a run.
 
 Bad input raises :class:`ConfigError` with one line naming the key, the value and
-what was expected; the CLI turns it into exit status 2.
+what was expected; the CLI turns it into exit status 2. The schema refuses what it
+can name and training cannot use, before anything runs: NaN or infinity in any float
+(``1e400`` parses as inf and passes ``> 0``), AdamW betas outside [0, 1), a
+``schedule.min_lr`` above the peak ``optim.lr``, a warmup longer than the run, an
+empty ``run_dir`` (an unset shell variable, which would write into the working
+directory), a seed the RNGs cannot take. Reading the files (UTF-8, ``base:``,
+duplicate keys, overrides) is :mod:`bigtrain.config_files`.
 """
 from __future__ import annotations
 
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """Bad user input: a config, a command line, a data directory or a checkpoint."""
+from bigtrain.config_files import read_tree, split_args
+from bigtrain.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # allow_inf_nan=False: no setting means anything at NaN or infinity, and an inf LR would
+    # turn the first update into NaN parameters several steps into a run instead of failing now.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
 
 # Presets are defaults for the model section; keys written in the YAML win.
@@ -132,9 +139,12 @@ class BatchConfig(Section):
         return self
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW's own bounds: beta = 1 never forgets, < 0 oscillates
+
+
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="peak LR at batch.reference_size")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay on matrices (not biases, norms, embeddings)")
     decay_embeddings: bool = Field(False, description="apply weight decay to embeddings too")
@@ -147,6 +157,13 @@ class ScheduleConfig(Section):
     decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine | linear | constant, from warmup_steps to max_steps")
     min_lr: float = Field(0.0, ge=0, description="LR at the end of decay, at batch.reference_size")
     max_steps: int = Field(100, ge=1, description="optimizer steps in the run")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.warmup_steps > self.max_steps:  # e.g. a recipe shrunk to a smoke run without its warmup
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}: the LR "
+                             "would never reach optim.lr; shorten the warmup too")
+        return self
 
 
 class ParallelConfig(Section):
@@ -215,8 +232,10 @@ class FaultsConfig(Section):
 
 
 class Config(Section):
-    run_dir: str = Field("runs/default", description="everything a run writes goes under here")
-    seed: int = Field(1234, description="seeds init, the sample order and dropout")
+    run_dir: str = Field("runs/default", min_length=1, description="everything a run writes goes under here")
+    # numpy's seed range; torch's 64 bits would overflow (a traceback after the run dir is
+    # written) once the per-rank and fault seeds derived from it are added
+    seed: int = Field(1234, ge=0, lt=2**32, description="seeds init, the sample order and dropout")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     batch: BatchConfig = BatchConfig()
@@ -229,6 +248,14 @@ class Config(Section):
     logging: LoggingConfig = LoggingConfig()
     faults: FaultsConfig = FaultsConfig()
 
+    @model_validator(mode="after")
+    def _check_lr(self) -> "Config":
+        # both are at batch.reference_size and scale by the same rule, so they compare as written
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"schedule.min_lr={self.schedule.min_lr:g} is above the peak optim.lr="
+                             f"{self.optim.lr:g}: the schedule would decay upwards")
+        return self
+
     def to_dict(self) -> dict:
         return json.loads(self.model_dump_json(by_alias=True))
 
@@ -237,101 +264,6 @@ class Config(Section):
 
 
 # ---------------------------------------------------------------- loading
-
-CONFIG_SUFFIXES = (".yaml", ".yml")
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.get(k)
-        if child is None:
-            child = node[k] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {k!r} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def split_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Command-line words -> (config files, overrides), each in the order given.
-
-    A word with ``=`` is an override (overrides apply after every file, wherever they
-    stand); a word ending in .yaml or .yml is a config file; anything else is an error.
-    """
-    files, overrides = [], []
-    for word in args:
-        if "=" in word:
-            overrides.append(word)
-        elif word.endswith(CONFIG_SUFFIXES):
-            files.append(word)
-        else:
-            raise ConfigError(f"argument {word!r} is neither a config file (.yaml, .yml) nor key=value")
-    if not files:
-        raise ConfigError("no config file given: expected CONFIG.yaml [MORE.yaml ...] [key=value ...]")
-    return files, overrides
-
-
-def config_from_args(args: list[str] | tuple[str, ...]) -> Config:
-    """The config that ``bigtrain train|launch|preflight FILE... key=value...`` names."""
-    files, overrides = split_args(args)
-    return load_config(*files, overrides=overrides)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", value parsed as YAML)."""
-    if "=" not in text or text.startswith("="):
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(tree).__name__}")
-    return tree
-
-
-def _read_layered(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A file's tree merged over its ``base:`` chain (base first, this file wins)."""
-    here = Path(path).resolve()
-    if here in chain:
-        cycle = " -> ".join(p.name for p in (*chain, here))
-        raise ConfigError(f"config file {str(path)!r}: its base chain is a cycle ({cycle})")
-    tree = _read_yaml(path)
-    base = tree.pop("base", None)
-    if base is None:
-        return tree
-    if not isinstance(base, str) or not base.endswith(CONFIG_SUFFIXES):
-        raise ConfigError(f"config file {str(path)!r}: base {base!r} is not a path to a .yaml or .yml file")
-    base_path = Path(path).parent / base
-    if not base_path.is_file():
-        raise ConfigError(f"config file {str(path)!r}: base {base!r} not found (looked for {str(base_path)!r})")
-    return _merge(_read_layered(base_path, (*chain, here)), tree)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the key at ``loc`` (for 'did you mean')."""
@@ -352,7 +284,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = ".".join(str(p) for p in loc) or "config"
+    key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         names = [a for f, info in (owner.model_fields.items() if owner else []) for a in (f, info.alias) if a]
@@ -362,7 +294,7 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"config error: {key}{shown}: {msg}"
+    return f"config error: {key}{shown}: {msg}" if key else f"config error: {msg}"
 
 
 def build_config(tree: dict) -> Config:
@@ -388,13 +320,13 @@ def resolve_vocab(cfg: Config) -> Config:
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Layer YAML files in order (each over its ``base:`` chain), then ``key=value`` overrides;
     validate; resolve ``vocab_size: auto``."""
-    tree: dict = {}
-    for p in paths:
-        tree = _merge(tree, _read_layered(p))
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    return resolve_vocab(build_config(tree))
+    return resolve_vocab(build_config(read_tree(paths, overrides)))
+
+
+def config_from_args(args: list[str] | tuple[str, ...]) -> Config:
+    """The config that ``bigtrain train|launch|preflight FILE... key=value...`` names."""
+    files, overrides = split_args(args)
+    return load_config(*files, overrides=overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
