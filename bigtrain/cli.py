@@ -24,15 +24,16 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from bigtrain.checkpoint import select as select_checkpoint
-    from bigtrain.parallel.backend import backend_class
     from bigtrain.config import config_from_args
+    cfg = config_from_args(args.config)  # before importing torch: a bad config is answered at once
+
+    from bigtrain.checkpoint import select as select_checkpoint
+    from bigtrain.data.splits import check_world, open_splits
+    from bigtrain.parallel.backend import backend_class
     from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
     from bigtrain.stability.guard import StabilityAbort
-    from bigtrain.data.splits import check_world, open_splits
     from bigtrain.trainer import Trainer
 
-    cfg = config_from_args(args.config)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     check_world(cfg, world_size())

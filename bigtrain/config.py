@@ -136,6 +136,9 @@ class BatchConfig(Section):
                 raise ValueError(f"rampup.start={r.start} exceeds global_size={self.global_size}")
             if r.start % self.micro_size or r.increment % self.micro_size:
                 raise ValueError(f"rampup.start and rampup.increment must be multiples of micro_size={self.micro_size}")
+            if (self.global_size - r.start) % r.increment:  # else the ramp never lands on global_size
+                raise ValueError(f"rampup.increment={r.increment} does not divide global_size - rampup.start = "
+                                 f"{self.global_size} - {r.start}")
         return self
 
 

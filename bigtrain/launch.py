@@ -131,10 +131,10 @@ class Plan:
 def build(files: list[str] | str, overrides: list[str], topo: Topology, launcher: str | None = None) -> Plan:
     """What to run for the config ``files`` (layered in order) and ``overrides`` on ``topo``;
     raises ConfigError on bad input."""
+    files = [files] if isinstance(files, str) else list(files)
+    cfg = load_config(*files, overrides=overrides)  # before importing torch: a bad config is answered at once
     from bigtrain.data.splits import check_world
 
-    files = [files] if isinstance(files, str) else list(files)
-    cfg = load_config(*files, overrides=overrides)
     launcher = launcher or DEFAULT_LAUNCHER[cfg.parallel.backend]
     topo.check(launcher)
     check_world(cfg, topo.world)

@@ -218,11 +218,7 @@ def batch_size_at(samples: int, cfg: BatchConfig) -> int:
     ramp = cfg.rampup
     if ramp is None:
         return cfg.global_size
-    grow = cfg.global_size - ramp.start
-    if grow % ramp.increment:
-        raise ConfigError(f"batch.rampup.increment={ramp.increment} does not divide "
-                          f"global_size - start = {cfg.global_size} - {ramp.start} = {grow}")
-    increments = grow // ramp.increment
+    increments = (cfg.global_size - ramp.start) // ramp.increment  # a whole number: BatchConfig checks it
     if increments == 0 or samples >= ramp.samples:
         return cfg.global_size
     done = samples * increments // ramp.samples  # exact floor(samples / (ramp.samples / increments))
