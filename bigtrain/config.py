@@ -312,11 +312,17 @@ def resolve_vocab(cfg: Config) -> Config:
     if cfg.model.vocab_size != "auto":
         return cfg
     manifest = Path(cfg.data.path) / "manifest.json"
-    if manifest.is_file():
-        try:
-            cfg.model.vocab_size = int(json.loads(manifest.read_text())["vocab_size"])
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json is unreadable ({e})") from None
+    if not manifest.is_file():
+        return cfg
+    try:
+        tree = json.loads(manifest.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json is unreadable ({e})") from None
+    vocab = tree.get("vocab_size") if isinstance(tree, dict) else None
+    if type(vocab) is not int or vocab < 2:
+        raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json has no vocab_size that is an integer "
+                          f">= 2 (found {vocab!r})")
+    cfg.model.vocab_size = vocab
     return cfg
 
 

@@ -95,7 +95,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found")
+        raise ConfigError(f"config file {str(p)!r} {'is not a file' if p.exists() else 'not found'}")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

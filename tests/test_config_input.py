@@ -123,3 +123,28 @@ def test_plain_torchrun_says_it_on_every_rank_and_writes_nothing(prose_bytes, tm
     assert r.returncode == 1
     assert r.stderr.count("config error: optim.lr = '1e400'") == 2, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("manifest, needle", [
+    (b'{"vocab_size": null}', "manifest.json has no vocab_size that is an integer >= 2 (found None)"),
+    (b"[257]", "(found None)"),
+    (b'{"vocab_size": 1e400}', "(found inf)"),
+    (b"\xff\xfe", "manifest.json is unreadable"),
+])
+def test_vocab_auto_from_an_unusable_manifest_is_one_line(manifest, needle, tmp_path, capsys):
+    """``model.vocab_size: auto`` is read while the config loads: a manifest it cannot use is
+    one line, not a TypeError or OverflowError traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_bytes(manifest)
+    before = files_under(tmp_path)
+    assert main(["train", *user_config(tmp_path, str(data))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert files_under(tmp_path) == before | {"config.yaml"}
+
+
+def test_a_directory_named_like_a_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").mkdir()
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert capsys.readouterr().err == f"config file {str(tmp_path / 'c.yaml')!r} is not a file\n"
