@@ -9,13 +9,13 @@ so a typo is an error that names the key and suggests the nearest valid one,
 instead of a silently ignored setting discovered three days into a run.
 
 Bad input raises :class:`ConfigError` with one line naming the key, the value and
-what was expected; the CLI turns it into exit status 2. The schema refuses what it
-can name and training cannot use, before anything runs: NaN or infinity in any float
-(``1e400`` parses as inf and passes ``> 0``), AdamW betas outside [0, 1), a
-``schedule.min_lr`` above the peak ``optim.lr``, a warmup longer than the run, an
-empty ``run_dir`` (an unset shell variable, which would write into the working
-directory), a seed the RNGs cannot take. Reading the files (UTF-8, ``base:``,
-duplicate keys, overrides) is :mod:`bigtrain.config_files`.
+what was expected; the CLI turns it into exit status 2. The schema refuses what
+training cannot use, before anything runs or is written: NaN or infinity in any
+float (``1e400`` parses as inf and passes ``> 0``), AdamW betas outside [0, 1), a
+``schedule.min_lr`` above the peak ``optim.lr``, a ramp-up that never lands on
+``batch.global_size``, an empty ``run_dir`` (an unset shell variable; it would write
+into the working directory), a seed the RNGs cannot take. Reading the files (UTF-8,
+``base:``, duplicate keys, overrides) is :mod:`bigtrain.config_files`.
 """
 from __future__ import annotations
 
@@ -160,13 +160,6 @@ class ScheduleConfig(Section):
     decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine | linear | constant, from warmup_steps to max_steps")
     min_lr: float = Field(0.0, ge=0, description="LR at the end of decay, at batch.reference_size")
     max_steps: int = Field(100, ge=1, description="optimizer steps in the run")
-
-    @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
-        if self.warmup_steps > self.max_steps:  # e.g. a recipe shrunk to a smoke run without its warmup
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}: the LR "
-                             "would never reach optim.lr; shorten the warmup too")
-        return self
 
 
 class ParallelConfig(Section):

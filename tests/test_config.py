@@ -84,7 +84,7 @@ def test_train_saves_the_merged_config_in_the_run_dir(prose_bytes, tmp_path):
     delta = write(tmp_path, "delta.yaml", f"base: {REPO / 'configs' / 'smoke.yaml'}\noptim: {{weight_decay: 0.05}}\n")
     run = tmp_path / "run"
     args = [delta, write(tmp_path, "top.yaml", "optim: {eps: 1.0e-7}\n"),
-            *tiny_overrides(prose_bytes, run, schedule__max_steps=1, schedule__warmup_steps=1, eval__batches=0)]
+            *tiny_overrides(prose_bytes, run, schedule__max_steps=1, eval__batches=0)]
     assert main(["train", *args]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved == config_from_args(args).to_dict() and "base" not in saved
