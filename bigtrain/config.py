@@ -142,7 +142,7 @@ class BatchConfig(Section):
         return self
 
 
-Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW's own bounds: beta = 1 never forgets, < 0 oscillates
+Beta = Annotated[float, Field(ge=0, lt=1)]  # torch's AdamW raises on others, but only once the run has started
 
 
 class OptimConfig(Section):
@@ -229,8 +229,8 @@ class FaultsConfig(Section):
 
 class Config(Section):
     run_dir: str = Field("runs/default", min_length=1, description="everything a run writes goes under here")
-    # numpy's seed range; torch's 64 bits would overflow (a traceback after the run dir is
-    # written) once the per-rank and fault seeds derived from it are added
+    # numpy's seed range; beyond 64 bits torch.manual_seed raises a traceback, and the per-rank
+    # and fault seeds derived from the seed add to it
     seed: int = Field(1234, ge=0, lt=2**32, description="seeds init, the sample order and dropout")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
