@@ -97,8 +97,9 @@ def cmd_preflight(args) -> int:
     import json
 
     from bigtrain.config import config_from_args
+    cfg = config_from_args(args.config)  # before importing torch, as in cmd_train
+
     from bigtrain.preflight import run_preflight
-    cfg = config_from_args(args.config)
     if not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     report = run_preflight(cfg, num_samples=args.samples, overfit_steps=args.overfit_steps,
