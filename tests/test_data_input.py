@@ -166,11 +166,12 @@ def _sources(tmp_path: Path) -> dict[str, tuple[str, dict]]:
     }
 
 
+@pytest.mark.parametrize("tokenizer", ["bytes", "char"])  # char reads the source twice: counted once
 @pytest.mark.parametrize("kind", ["text", "jsonl"])
-def test_prepare_counts_what_it_replaced_or_dropped(tmp_path, capsys, kind):
+def test_prepare_counts_what_it_replaced_or_dropped(tmp_path, capsys, kind, tokenizer):
     source, repairs = _sources(tmp_path)[kind]
     out = tmp_path / "out"
-    assert main(["prepare", "--source", source, "--tokenizer", "bytes", "--out", str(out)]) == 0
+    assert main(["prepare", "--source", source, "--tokenizer", tokenizer, "--out", str(out)]) == 0
     summary = capsys.readouterr().out.strip()
     assert json.loads((out / "manifest.json").read_text())["repairs"] == repairs
     if repairs["replaced_docs"]:
@@ -185,7 +186,7 @@ def test_prepare_strict_refuses_and_keeps_what_was_there(tmp_path, capsys, kind)
     source, _ = _sources(tmp_path)[kind]
     out = tmp_path / "out"
     line = _refused(capsys, ["prepare", "--source", source, "--tokenizer", "char", "--out", str(out), "--strict"])
-    assert ("b.txt is not valid UTF-8" if kind == "text" else "row 1 has no text") in line
+    assert ("b.txt is not valid UTF-8" if kind == "text" else "row 1 (from 0) has no text") in line
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
     # over an existing prepared dir (--overwrite), the refusal loses nothing
     keep = tmp_path / "keep.txt"
@@ -203,3 +204,12 @@ def test_prepare_strict_accepts_a_clean_source(tmp_path, capsys):
     assert main(["prepare", "--source", str(src), "--tokenizer", "bytes", "--out", str(tmp_path / "out"),
                  "--strict"]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_prepare_with_a_tokenizer_that_cannot_encode_the_source(tmp_path, capsys):
+    """A ``char`` tokenizer dir reused on text with other characters: one line, not a traceback."""
+    chars = _prepare(tmp_path, "chars", "abc abc\n" * 10, "char")
+    (tmp_path / "other.txt").write_text("xyz\n" * 10)
+    line = _refused(capsys, ["prepare", "--source", str(tmp_path / "other.txt"), "--tokenizer",
+                             str(Path(chars) / "tokenizer"), "--out", str(tmp_path / "out")])
+    assert "cannot encode" in line and not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -128,7 +128,7 @@ def _dataset_corpus(ds, source: str, repairs: Repairs) -> Corpus:
             for t in batch["text"]:
                 if t is not None and not isinstance(t, str):
                     raise ConfigError(f"--source {source!r}: 'text' holds {type(t).__name__}, expected strings")
-                yield repairs.drop(f"row {row}") if t is None else t
+                yield repairs.drop(f"row {row} (from 0)") if t is None else t
                 row += 1
     return Corpus(len(ds), texts, repairs)
 
@@ -237,7 +237,8 @@ def _encode_into(corpus: Corpus, tok: Tokenizer, writers: list[ShardWriter], n_t
             encoded = tok.encode_batch(batch)
         except Exception as e:  # `tokenizers` raises a bare Exception (e.g. a char outside a WordLevel vocab)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"--source {corpus.repairs.source!r}: the tokenizer cannot encode it ({reason})") from None
+            raise ConfigError(f"--source {corpus.repairs.source!r}: the tokenizer cannot encode it "
+                              f"({reason})") from None
         for ids in encoded:
             writer = writers[0] if index < n_train else writers[1]
             index += 1
