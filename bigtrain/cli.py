@@ -15,11 +15,10 @@ from bigtrain.config import ConfigError
 
 
 def cmd_prepare(args) -> int:
-    from bigtrain.data.prepare import prepare
+    from bigtrain.data.prepare import prepare, summary
     manifest = prepare(args.source, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                       overwrite=args.overwrite)
-    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in manifest["splits"].items())
-    print(f"prepared {args.out} (vocab {manifest['vocab_size']}, {manifest['dtype']}; {splits})")
+                       overwrite=args.overwrite, strict=args.strict)
+    print(summary(args.out, manifest))
     return 0
 
 
@@ -133,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict", action="store_true", help="refuse bytes that are not UTF-8 and rows without text")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train from a YAML config (one process, or under torchrun/deepspeed)")

@@ -10,7 +10,7 @@ import pytest
 from bigtrain.config import ConfigError
 from bigtrain.data.dataset import open_data
 from bigtrain.data.prepare import prepare
-from bigtrain.data.tokenizer import EOT, build_tokenizer, load_tokenizer
+from bigtrain.data.tokenizer import EOT, build_tokenizer, fingerprint, load_tokenizer
 
 UNICODE = "héllo wörld — ünïcödé 🎉 中文 \n\t\r mixed\x00 text\U0010ffff"
 DOCS = [f"document number {i}: " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(40)]
@@ -169,7 +169,8 @@ def test_prepare_bpe_writes_an_hf_tokenizer(tmp_path):
     _write_texts(tmp_path / "txt")
     prepare(str(tmp_path / "txt" / "*.txt"), "bpe:300", str(tmp_path / "out"))
     data = open_data(str(tmp_path / "out"))
-    assert data.manifest["tokenizer"] == {"kind": "bpe", "spec": "bpe:300", "dir": "tokenizer"}
+    assert data.manifest["tokenizer"] == {"kind": "bpe", "spec": "bpe:300", "dir": "tokenizer",
+                                          "sha256": fingerprint(tmp_path / "out" / "tokenizer")}
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
     assert hf.decode(_all_tokens(data, "train")).startswith(DOCS[0] + EOT + DOCS[1])

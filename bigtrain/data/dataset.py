@@ -5,14 +5,14 @@ Sample ``i`` of a split is tokens ``[i*(seq_len+1), (i+1)*(seq_len+1))`` of the 
 concatenated shards: windows do not overlap and may cross shard boundaries, so the
 number of samples depends only on the token count, not on how it was sharded.
 
-``open_data`` checks everything it can before training starts (manifest, sizes,
-and by default every shard's sha256, streamed so nothing large is held in memory):
+``open_data`` checks everything it can before training starts (the manifest whole,
+:mod:`bigtrain.data.manifest`; sizes; and by default every shard's sha256 and largest
+token id, in one streamed read so nothing large is held in memory):
 a corrupted or truncated shard should stop a run at launch, not hours into it.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from bigtrain.config import ConfigError
-from bigtrain.data.prepare import FORMAT_VERSION
-from bigtrain.data.tokenizer import Tokenizer, load_tokenizer
+from bigtrain.data.manifest import read_manifest, tokenizer_dir
+from bigtrain.data.tokenizer import Tokenizer, fingerprint, load_tokenizer
 
 HASH_CHUNK = 2**22
 
@@ -105,57 +105,62 @@ class PreparedData:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.path / self.manifest["tokenizer"].get("dir", "tokenizer"))
+        return load_tokenizer(tokenizer_dir(self.path, self.manifest))
+
+    @cached_property
+    def tokenizer_id(self) -> str:
+        """What the token ids mean: the tokenizer's sha256 (recorded by prepare, else computed)."""
+        return self.manifest["tokenizer"].get("sha256") or fingerprint(tokenizer_dir(self.path, self.manifest))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _scan(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(sha256, largest token id) of a shard in one streamed read: the id check rides on the hash."""
+    h, top = hashlib.sha256(), -1
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
+        while chunk := f.read(HASH_CHUNK):  # HASH_CHUNK is a multiple of every dtype's size
             h.update(chunk)
-    return h.hexdigest()
+            top = max(top, int(np.frombuffer(chunk, dtype=dtype).max()))
+    return h.hexdigest(), top
 
 
-def _read_manifest(root: Path) -> dict:
-    if not root.is_dir():
-        raise ConfigError(f"data dir {str(root)!r} not found; create it with `bigtrain prepare --out {root}`")
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"data dir {str(root)!r} has no manifest.json; is it a `bigtrain prepare` output?") from None
-    except ValueError as e:
-        raise ConfigError(f"data dir {str(root)!r}: manifest.json is not valid JSON ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"data dir {str(root)!r}: manifest format_version {manifest.get('format_version')!r}, "
-                          f"expected {FORMAT_VERSION}")
-    missing = [k for k in ("vocab_size", "eot_id", "dtype", "splits", "tokenizer") if k not in manifest]
-    if missing:
-        raise ConfigError(f"data dir {str(root)!r}: manifest.json lacks {', '.join(missing)}")
-    return manifest
-
-
-def _open_shard(root: Path, shard: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
+def _open_shard(root: Path, shard: dict, dtype: np.dtype, vocab: int, verify: bool) -> np.ndarray:
     path = root / shard["file"]
     if not path.is_file():
         raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} is missing")
-    expected = int(shard["tokens"]) * dtype.itemsize
+    expected = shard["tokens"] * dtype.itemsize
     size = path.stat().st_size
     if size != expected:
         raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} has {size} bytes, expected {expected} "
                           f"({shard['tokens']} {dtype.name} tokens); it is truncated or corrupted")
-    if verify and _sha256(path) != shard["sha256"]:
-        raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} is corrupted (sha256 mismatch); "
-                          "prepare the data again")
+    if verify:
+        digest, top = _scan(path, dtype)
+        if digest != shard["sha256"]:
+            raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} is corrupted (sha256 mismatch); "
+                              "prepare the data again")
+        if top >= vocab:
+            raise ConfigError(f"data dir {str(root)!r}: shard {shard['file']} holds token id {top}, outside the "
+                              f"manifest's vocab_size {vocab}; the manifest does not belong to these shards")
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _check_tokenizer(root: Path, manifest: dict) -> None:
+    """The tokenizer dir must be the one the shards were made with (its sha256 is in the manifest
+    of every dir prepared since it was recorded; older dirs are taken as they are)."""
+    recorded = manifest["tokenizer"].get("sha256")
+    if recorded is not None and fingerprint(tokenizer_dir(root, manifest)) != recorded:
+        raise ConfigError(f"data dir {str(root)!r}: its tokenizer dir is not the tokenizer the shards were "
+                          "made with (sha256 differs from the manifest); prepare the data again")
 
 
 def open_data(path: str, verify: bool = True) -> PreparedData:
     """Open a prepared dir; ``verify`` re-hashes every shard (seconds per GB) to catch silent corruption."""
     root = Path(path)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
+    if verify:
+        _check_tokenizer(root, manifest)
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")  # prepare writes little-endian
     splits = {}
     for name, info in manifest["splits"].items():
-        shards = [_open_shard(root, s, dtype, verify) for s in info["shards"] if int(s["tokens"]) > 0]
+        shards = [_open_shard(root, s, dtype, manifest["vocab_size"], verify) for s in info["shards"] if s["tokens"]]
         splits[name] = TokenSplit(shards)
     return PreparedData(root, manifest, splits)

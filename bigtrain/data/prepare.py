@@ -32,9 +32,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bigtrain.config import ConfigError
-from bigtrain.data.tokenizer import Tokenizer, build_tokenizer, check_spec
+from bigtrain.data.manifest import FORMAT_VERSION
+from bigtrain.data.tokenizer import Tokenizer, build_tokenizer, check_spec, fingerprint
 
-FORMAT_VERSION = 1
+REPLACEMENT = "\ufffd"
 # The stdlib corpus: the standard library's .py files in sorted path order, up to this much
 # text. At 16 MiB it is the whole library on CPython 3.11 (~11 MB, ~670 files) and a
 # deterministic prefix on versions with a larger one; `prepare` with `bytes` takes seconds.
@@ -45,17 +46,58 @@ ENCODE_BATCH_CHARS = 8 * 2**20  # text handed to the tokenizer at once: parallel
 
 
 @dataclass
+class Repairs:
+    """What reading the source changed: bytes that are not UTF-8 become U+FFFD, a row without
+    text becomes an empty document (nothing written). Counted per pass over the source (the
+    last, the one that writes the shards, is what the manifest records); ``strict`` refuses the
+    first one instead, naming it."""
+    source: str
+    strict: bool = False
+    replaced_chars: int = 0
+    replaced_docs: int = 0
+    dropped_rows: int = 0
+
+    def start(self) -> None:
+        self.replaced_chars = self.replaced_docs = self.dropped_rows = 0
+
+    def decode(self, data: bytes, where: str) -> str:
+        text = data.decode("utf-8", errors="replace")
+        # the source's own U+FFFD characters are valid UTF-8 (EF BF BD) and not a repair
+        replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode())
+        if replaced:
+            self._refuse(f"{where} is not valid UTF-8 ({replaced} undecodable byte sequences)")
+            self.replaced_chars += replaced
+            self.replaced_docs += 1
+        return text
+
+    def drop(self, where: str) -> str:
+        self._refuse(f"{where} has no text")
+        self.dropped_rows += 1
+        return ""
+
+    def _refuse(self, problem: str) -> None:
+        if self.strict:
+            raise ConfigError(f"--source {self.source!r}: {problem}; --strict refuses it, nothing was written")
+
+    def to_dict(self) -> dict:
+        return {"replaced_chars": self.replaced_chars, "replaced_docs": self.replaced_docs,
+                "dropped_rows": self.dropped_rows}
+
+
+@dataclass
 class Corpus:
     """An ordered, re-iterable sequence of documents whose count is known up front."""
     count: int
     texts: Callable[[], Iterator[str]]
+    repairs: Repairs
 
 
-def _text_files(paths: list[str]) -> Corpus:
+def _text_files(paths: list[str], repairs: Repairs) -> Corpus:
     def texts() -> Iterator[str]:
+        repairs.start()
         for p in paths:
-            yield Path(p).read_bytes().decode("utf-8", errors="replace")
-    return Corpus(len(paths), texts)
+            yield repairs.decode(Path(p).read_bytes(), p)
+    return Corpus(len(paths), texts, repairs)
 
 
 def _stdlib_files() -> list[str]:
@@ -74,56 +116,62 @@ def _stdlib_files() -> list[str]:
     return chosen
 
 
-def _dataset_corpus(ds, source: str) -> Corpus:
+def _dataset_corpus(ds, source: str, repairs: Repairs) -> Corpus:
     if "text" not in ds.column_names:
         raise ConfigError(f"--source {source!r}: no 'text' column (columns: {', '.join(ds.column_names)})")
     ds = ds.select_columns(["text"])
 
     def texts() -> Iterator[str]:
+        repairs.start()
+        row = 0
         for batch in ds.iter(batch_size=1024):
             for t in batch["text"]:
                 if t is not None and not isinstance(t, str):
                     raise ConfigError(f"--source {source!r}: 'text' holds {type(t).__name__}, expected strings")
-                yield t or ""
-    return Corpus(len(ds), texts)
+                yield repairs.drop(f"row {row} (from 0)") if t is None else t
+                row += 1
+    return Corpus(len(ds), texts, repairs)
 
 
-def _saved_dataset(path: str, source: str) -> Corpus:
+def _saved_dataset(path: str, source: str, repairs: Repairs) -> Corpus:
     import datasets
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
             raise ConfigError(f"--source {source!r}: a DatasetDict without a 'train' split ({', '.join(ds)})")
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return _dataset_corpus(ds, source)
+    return _dataset_corpus(ds, source, repairs)
 
 
-def _data_files(files: list[str], fmt: str, source: str, cache: str) -> Corpus:
+def _data_files(files: list[str], fmt: str, source: str, cache: str, repairs: Repairs) -> Corpus:
     import datasets
+    datasets.disable_progress_bars()  # bars on stderr would bury prepare's one line (or its one-line error)
     try:
         ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache)
     except Exception as e:  # datasets raises many kinds; all mean "this file is not what it claims"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"--source {source!r}: cannot read the files as {fmt} ({reason})") from None
-    return _dataset_corpus(ds, source)
+    return _dataset_corpus(ds, source, repairs)
 
 
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def open_source(source: str, cache: str) -> Corpus:
-    """The documents ``--source`` names; ``cache`` is a scratch dir for ``datasets``."""
+def open_source(source: str, cache: str, strict: bool = False) -> Corpus:
+    """The documents ``--source`` names; ``cache`` is a scratch dir for ``datasets``;
+    ``strict`` refuses undecodable bytes and rows without text (:class:`Repairs`)."""
+    repairs = Repairs(source, strict)
     if source == "stdlib":
-        return _text_files(_stdlib_files())
+        return _text_files(_stdlib_files(), repairs)
     if source.startswith("hf:"):
         path = Path(source[3:])
         if not _is_saved_dataset(path):
             raise ConfigError(f"--source {source!r}: no local dataset saved with save_to_disk at {str(path)!r}; "
                               "prepare does no network download, so pass a local path instead")
-        return _saved_dataset(str(path), source)
+        return _saved_dataset(str(path), source, repairs)
     if _is_saved_dataset(Path(source)):
-        return _saved_dataset(source, source)
+        return _saved_dataset(source, source, repairs)
     if Path(source).is_dir():
         raise ConfigError(f"--source {source!r} is a directory; pass a glob such as '{source}/**/*.txt'")
     if Path(source).is_file():
@@ -138,7 +186,7 @@ def open_source(source: str, cache: str) -> Corpus:
     if len(formats) > 1:
         raise ConfigError(f"--source {source!r} mixes file kinds ({', '.join(sorted(formats))}); use one kind")
     fmt = formats.pop()
-    return _text_files(files) if fmt == "text" else _data_files(files, fmt, source, cache)
+    return _text_files(files, repairs) if fmt == "text" else _data_files(files, fmt, source, cache, repairs)
 
 
 class ShardWriter:
@@ -185,7 +233,13 @@ def _encode_into(corpus: Corpus, tok: Tokenizer, writers: list[ShardWriter], n_t
 
     def flush() -> None:
         nonlocal index
-        for ids in tok.encode_batch(batch):
+        try:
+            encoded = tok.encode_batch(batch)
+        except Exception as e:  # `tokenizers` raises a bare Exception (e.g. a char outside a WordLevel vocab)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"--source {corpus.repairs.source!r}: the tokenizer cannot encode it "
+                              f"({reason})") from None
+        for ids in encoded:
             writer = writers[0] if index < n_train else writers[1]
             index += 1
             if ids:  # an empty document adds nothing, not even a separator
@@ -210,8 +264,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def prepare(source: str, tokenizer: str, out: str, val_fraction: float = 0.005,
-            shard_tokens: int = 2**27, overwrite: bool = False) -> dict:
-    """Tokenize ``source`` with ``tokenizer`` into shards under ``out``; returns the manifest."""
+            shard_tokens: int = 2**27, overwrite: bool = False, strict: bool = False) -> dict:
+    """Tokenize ``source`` with ``tokenizer`` into shards under ``out``; returns the manifest.
+    ``strict``: refuse a source that is not UTF-8 or has rows without text, writing nothing."""
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
     if shard_tokens < 1:
@@ -221,7 +276,7 @@ def prepare(source: str, tokenizer: str, out: str, val_fraction: float = 0.005,
     _check_out(out_path, overwrite)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with tempfile.TemporaryDirectory(prefix="bigtrain-prepare-") as cache:
-        corpus = open_source(source, cache)
+        corpus = open_source(source, cache, strict)
         if corpus.count == 0:
             raise ConfigError(f"--source {source!r} holds no documents")
         tok = build_tokenizer(tokenizer, corpus.texts)
@@ -253,14 +308,30 @@ def _write(tmp: Path, source: str, corpus: Corpus, tok: Tokenizer, val_fraction:
     tok.save(tmp / "tokenizer")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"kind": tok.kind, "spec": tok.spec, "dir": "tokenizer"},
+        "tokenizer": {"kind": tok.kind, "spec": tok.spec, "dir": "tokenizer",
+                      "sha256": fingerprint(tmp / "tokenizer")},
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "dtype": dtype.name,
         "splits": splits,
         "source": source,
         "documents": corpus.count,
+        "repairs": corpus.repairs.to_dict(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def summary(out: str, manifest: dict) -> str:
+    """``prepare``'s one-line report, with what reading the source changed, if anything."""
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in manifest["splits"].items())
+    line = f"prepared {out} (vocab {manifest['vocab_size']}, {manifest['dtype']}; {splits})"
+    r = manifest["repairs"]
+    changed = []
+    if r["replaced_docs"]:
+        changed.append(f"{r['replaced_docs']:,} documents not valid UTF-8 ({r['replaced_chars']:,} byte sequences "
+                       "replaced with U+FFFD)")
+    if r["dropped_rows"]:
+        changed.append(f"{r['dropped_rows']:,} rows without text dropped")
+    return line + (f"; WARNING: {', '.join(changed)}; --strict refuses such a source" if changed else "")

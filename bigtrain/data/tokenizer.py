@@ -17,6 +17,7 @@ tokens); ``bytes`` and ``char`` encode it as ordinary text.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -275,3 +276,24 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind == "hf":
         return HFTokenizer(str(d), spec=meta["spec"])
     raise ConfigError(f"tokenizer dir {str(d)!r}: unknown tokenizer kind {kind!r}")
+
+
+def fingerprint(directory: str | Path) -> str:
+    """sha256 of what a saved tokenizer's ids mean: its vocabulary, merges and added tokens
+    (``tokenizer.json``), or ``bigtrain_tokenizer.json`` where there is none (a slow Hugging Face
+    tokenizer). Not of the file as a whole: the same tokenizer saved again through ``transformers``
+    (``prepare --tokenizer OTHER/tokenizer``) gains settings that change no id. Two prepared dirs
+    share ids only when this agrees; vocabulary sizes can agree by chance (``char`` on two corpora
+    with as many distinct characters)."""
+    d = Path(directory)
+    if not (d / "tokenizer.json").is_file():
+        return hashlib.sha256((d / META).read_bytes()).hexdigest()
+    saved = json.loads((d / "tokenizer.json").read_text())
+    model = saved.get("model") or {}
+    vocab = model.get("vocab") or {}
+    ids = {
+        "vocab": sorted(vocab.items()) if isinstance(vocab, dict) else vocab,  # Unigram: a list already
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []],  # both forms
+        "added": sorted((t["id"], t["content"]) for t in saved.get("added_tokens") or []),
+    }
+    return hashlib.sha256(json.dumps(ids, ensure_ascii=False).encode()).hexdigest()
