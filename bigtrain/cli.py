@@ -38,7 +38,7 @@ def cmd_train(args) -> int:
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
-    check_run_dir(cfg.run_dir)  # a file, STOP a directory, another run holding RUN_DIR/LOCK: read-only
+    check_run_dir(cfg.run_dir, alone=world_size() == 1)  # a file, STOP a directory, a live RUN_DIR/LOCK
     # a bad checkpoint stops here too; rank 0 reads every byte, the others check the files
     select_checkpoint(cfg, world_size(), verify=process_layout()[0] == 0, reader=backend_class(cfg.parallel.backend))
     env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")

@@ -114,17 +114,19 @@ def busy(run_dir: Path, holder: dict) -> str:
             f"use another run_dir, or delete {run_dir / LOCK} if that run is gone")
 
 
-def check(run_dir: str | Path) -> None:
+def check(run_dir: str | Path, alone: bool = True) -> None:
     """Read-only: raise :class:`ConfigError` if ``run_dir`` cannot be trained into now (a file,
     ``STOP`` a directory, a live holder of the lock). The CLI calls it on every rank before any
-    process group starts; :func:`open_run_dir` takes the lock for real."""
+    process group starts; :func:`open_run_dir` takes the lock for real. With several ranks
+    (not ``alone``) a rank refuses a holder only when it runs on the holder's host, where
+    whether the holder lives is a fact; elsewhere rank 0's answer decides for all."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {str(run_dir)!r} exists and is not a directory")
     if (run_dir / "STOP").is_dir():
         raise ConfigError(f"{run_dir / 'STOP'} is a directory; remove it (`touch RUN_DIR/STOP` asks a run to stop)")
     holder, age = _read(run_dir / LOCK)
-    if holder is not None and stale(holder, age) is None:
+    if holder is not None and stale(holder, age) is None and (alone or holder.get("host") == socket.gethostname()):
         raise ConfigError(busy(run_dir, holder))
 
 

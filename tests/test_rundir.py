@@ -27,6 +27,7 @@ import pytest
 from helpers import REPO, bigtrain, rank_env, read_jsonl, tiny_overrides, torchrun
 
 from bigtrain.cli import main
+from bigtrain.rundir import STALE_S
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_a_kill_9_leaves_a_stale_lock_that_the_next_start_takes_over(data, tmp_p
     assert not (run_dir / "LOCK").exists()
 
 
-def plant_lock(run_dir: Path, host: str, job: str) -> None:
+def plant_lock(run_dir: Path, host: str, job: str | None) -> None:
     """The lock as a run on another node of the cluster leaves it (heartbeat fresh)."""
     run_dir.mkdir(parents=True)
     (run_dir / "LOCK").write_text(json.dumps({"host": host, "pid": 4321, "started": None, "slurm_job": job,
@@ -136,6 +137,16 @@ def test_a_requeue_of_the_same_slurm_job_gets_in_another_job_does_not(data, tmp_
     assert requeued.returncode == 0, requeued.stderr
     assert "SLURM job 4242 was requeued" in requeued.stdout
     assert steps(run_dir) == [1, 2]
+
+
+def test_a_lock_without_heartbeat_for_stale_s_is_taken_over(data, tmp_path, capsys):
+    """A holder on another node that died: nobody there can tell, its heartbeat stops."""
+    run_dir = tmp_path / "run"
+    plant_lock(run_dir, "node-c", None)
+    os.utime(run_dir / "LOCK", (time.time() - STALE_S - 5,) * 2)
+    assert main(command(data, run_dir, **{"schedule.max_steps": 2})) == 0
+    assert "took over the lock of host node-c, pid 4321, since " in capsys.readouterr().out
+    assert not (run_dir / "LOCK").exists()
 
 
 # ---------------------------------------------------------------- honest resume semantics
