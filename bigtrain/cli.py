@@ -30,6 +30,7 @@ def cmd_train(args) -> int:
     from bigtrain.data.splits import check_world, open_splits
     from bigtrain.parallel.backend import backend_class
     from bigtrain.parallel.env import fail_fast, init_distributed, process_layout, shutdown, world_size
+    from bigtrain.rundir import check as check_run_dir
     from bigtrain.stability.guard import StabilityAbort
     from bigtrain.trainer import Trainer
 
@@ -37,6 +38,7 @@ def cmd_train(args) -> int:
         raise ConfigError(f"data.path {cfg.data.path!r} does not exist; run `bigtrain prepare` first")
     check_world(cfg, world_size())
     splits = open_splits(cfg)  # verifies the shards before any process group starts
+    check_run_dir(cfg.run_dir, alone=world_size() == 1)  # a file, STOP a directory, a live RUN_DIR/LOCK
     # a bad checkpoint stops here too; rank 0 reads every byte, the others check the files
     select_checkpoint(cfg, world_size(), verify=process_layout()[0] == 0, reader=backend_class(cfg.parallel.backend))
     env = init_distributed(cfg.parallel.device, group=cfg.parallel.backend != "none")

@@ -61,8 +61,10 @@ class StopRequest:
 
     def acted_on(self) -> None:
         """The loop has saved and recorded the stop: remove the ``STOP`` file, so that the
-        next run does not stop at once. Every rank removes it: it may be node-local."""
-        self.stop_file.unlink(missing_ok=True)
+        next run does not stop at once. Every rank removes it: it may be node-local. A
+        directory named ``STOP`` is not ours to delete: the next start refuses it with one line."""
+        if not self.stop_file.is_dir():
+            self.stop_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Give the signals back to whoever handled them before."""

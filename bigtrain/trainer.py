@@ -32,6 +32,7 @@ from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
+from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
 from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
@@ -74,9 +75,7 @@ class Trainer:
             raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
                               f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
         self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        env.barrier()
+        self.run = open_run_dir(self.run_dir, env)  # one writer: RUN_DIR/LOCK, before anything is written
 
         if cfg.parallel.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -115,6 +114,8 @@ class Trainer:
                               "(set checkpoint.every to let the guard roll back)")
         if self.faults.describe():
             self.metrics.text(self.faults.describe())
+        for line in self.run.notes:                 # a stale lock taken over, a log's partial line dropped
+            self.metrics.text(line)
 
     def parts(self) -> dict:
         """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds)."""
@@ -257,3 +258,4 @@ class Trainer:
         self.stop.close()
         self.loader.close()
         self.metrics.close()
+        self.run.close()

@@ -75,6 +75,32 @@ def _native_rng(state: dict) -> dict:
     return {**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)}
 
 
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error`` (itself, its cause, or the first failed rank's in DCP's
+    ``CheckpointException``), or None when it is not a failed write."""
+    if error is None or isinstance(error, OSError):
+        return error
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict):
+        for rank in sorted(failures):
+            failure = failures[rank]
+            if found := _os_error(failure[0] if isinstance(failure, tuple) else failure):
+                return found
+    return _os_error(error.__cause__ or error.__context__)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An OSError on rank 0, sent to every rank."""
+    what: str
+    error: OSError
+
+
 @dataclass(frozen=True)
 class Resumed:
     """What :meth:`Checkpointer.resume` loaded, for the run's log and ledger."""
@@ -130,10 +156,25 @@ class Checkpointer:
             try:
                 result = action()
             except OSError as e:
-                result = OSError(f"checkpoint: {what} failed: {e}")
+                result = _Failed(what, e)
         result = self._broadcast(result)
-        if isinstance(result, OSError):
-            raise RuntimeError(str(result))
+        if isinstance(result, _Failed):
+            raise OSError(result.error.errno, f"{result.what} failed: {result.error.strerror}", result.error.filename)
+        return result
+
+    def _on_all(self, action):
+        """Run ``action`` on every rank; if it raises an OSError on any, every rank raises
+        the lowest failing rank's, so that none goes on into the next collective alone."""
+        try:
+            result, error = action(), None
+        except OSError as e:
+            result, error = None, e
+        if self.env.distributed:
+            errors: list = [None] * self.env.world
+            dist.all_gather_object(errors, error, group=self.group)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
         return result
 
     def _say(self, line: str) -> None:
@@ -165,18 +206,40 @@ class Checkpointer:
     # ------------------------------------------------------------------ saving
     def save(self, step: int, parts: dict) -> Path:
         """Commit ``step-XXXXXXXX`` holding ``parts``; a no-op if this process already saved ``step``.
-        Saving a step that is already committed replaces it atomically."""
+        Saving a step that is already committed replaces it atomically. A write that fails (a full
+        disk, a read-only file system) is a :class:`ConfigError` naming the step and the reason, on
+        every rank, once the partial ``.tmp`` is removed; the committed checkpoints stay as they were."""
         final = step_dir(self.root, step)
         if step == self.last_step:
             return final
         t0 = time.perf_counter()
         self.wait()
         tmp = tmp_dir(final)
+        try:
+            self._on_main(lambda: _fresh_dir(tmp), f"creating {tmp}")
+            self._on_all(lambda: self._write_own_files(step, parts, tmp))
+            self._save_shards(step, parts, tmp, final)
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            raise self._failure(e, final) from None
+        self.last_step = step
+        self.blocked_s += time.perf_counter() - t0
+        return final
+
+    def _failure(self, error: BaseException, final: Path) -> BaseException:
+        """What a failed save raises: for a failed write, a one-line :class:`ConfigError` once
+        rank 0 removed the partial ``.tmp``; anything else as it was."""
+        cause = _os_error(error)
+        if cause is None:
+            return error
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        self._write_own_files(step, parts, tmp)
+            shutil.rmtree(tmp_dir(final), ignore_errors=True)
+        last = committed(self.root)
+        kept = f"step {last[-1][0]} is the last committed checkpoint" if last else "no checkpoint was committed"
+        reason = cause.strerror or str(cause)
+        return ConfigError(f"checkpoint {final.name}: {reason[:1].lower() + reason[1:]} "
+                           f"({cause.filename or final.parent}); removed the partial write, {kept}")
+
+    def _save_shards(self, step: int, parts: dict, tmp: Path, final: Path) -> None:
         backend = parts[MODEL]
         if self.cfg.checkpoint.async_save and backend.async_checkpoint:  # else (DeepSpeed) a sync save
             if self.stager is None:
@@ -194,9 +257,6 @@ class Checkpointer:
         else:
             backend.save_sharded(tmp)
             self._commit(lambda: None, step, tmp, final)
-        self.last_step = step
-        self.blocked_s += time.perf_counter() - t0
-        return final
 
     def _held(self, staged) -> None:
         t0 = time.perf_counter()
@@ -219,10 +279,13 @@ class Checkpointer:
         if self.before_commit is not None:
             self.before_commit(step)  # faults.crash_in_checkpoint_at: kill -9 right here
         self._barrier()               # ... and every rank's
-        if self.env.local_rank == 0:  # once per node: that node's page cache, whoever wrote it
-            fsync_files(tmp)
-        names = listing(tmp)
-        digests = self._merge({n: digest(tmp / n) for n in names[self.env.rank::self.env.world]})
+
+        def checksums() -> dict:
+            if self.env.local_rank == 0:  # once per node: that node's page cache, whoever wrote it
+                fsync_files(tmp)
+            return {n: digest(tmp / n) for n in listing(tmp)[self.env.rank::self.env.world]}
+
+        digests = self._merge(self._on_all(checksums))
 
         def commit_and_retire() -> list[int]:
             write_manifest(tmp, digests)
@@ -232,11 +295,11 @@ class Checkpointer:
         self._on_main(commit_and_retire, f"committing {final}")
         self._say(f"checkpoint: saved {final}")
 
-    def _commit_in_background(self, *args) -> None:
+    def _commit_in_background(self, written, step: int, tmp: Path, final: Path) -> None:
         try:
-            self._commit(*args)
+            self._commit(written, step, tmp, final)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
-            self.error = e
+            self.error = self._failure(e, final)
 
     def wait(self) -> None:
         """Finish a pending async save, commit included; re-raise what went wrong in it."""

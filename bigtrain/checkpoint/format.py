@@ -206,6 +206,10 @@ def problem(path: Path, cfg: Config | None = None, world: int | None = None, ver
     if version != FORMAT_VERSION:
         return (f"{where} has format version {version}; this bigtrain reads version {FORMAT_VERSION} "
                 f"({'upgrade bigtrain' if version > FORMAT_VERSION else 'written by an older bigtrain'})")
+    named, step = _COMMITTED.match(path.name), meta.get("step")
+    if named and int(named.group(1)) != step:  # renamed: resuming would redo or skip steps
+        return (f"{where} is named for step {int(named.group(1))} but its {META} says step {step} "
+                "(renamed?); give it back its name or move it away")
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError) as e:

@@ -18,7 +18,8 @@ def select(cfg: Config, world: int, verify: bool = True, reader=None) -> tuple[P
     ``reader`` is the backend (class) that will load it (see :func:`format.config_mismatch`).
 
     ``auto``: the newest committed checkpoint in ``RUN_DIR/checkpoints``; if it is unusable,
-    older ones only with ``checkpoint.fallback: true``. ``never``: none. A path inside this
+    older ones only with ``checkpoint.fallback: true``. ``never``: none, and refused when the
+    run directory holds committed checkpoints (two runs' checkpoints never mix). A path inside this
     run's checkpoints: exactly that one (a manual rollback). A path elsewhere (starting from
     another run) counts only until this run has committed checkpoints of its own; after
     that, a restarted job goes on from its own newest, as with ``auto``, instead of losing
@@ -26,9 +27,13 @@ def select(cfg: Config, world: int, verify: bool = True, reader=None) -> tuple[P
     Reads, never deletes.
     """
     mode, root = cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints"
-    if mode == "never":
-        return None, []
     own = committed(root)
+    if mode == "never":
+        if own:  # starting over here would mix two runs' checkpoints, and `auto` would resume the old one
+            raise ConfigError(f"checkpoint.resume=never, but {root} holds another run's checkpoints "
+                              f"({len(own)}, the newest step {own[-1][0]}); use another run_dir, or move "
+                              "those checkpoints away to start over here")
+        return None, []
     if mode != "auto" and not (own and Path(mode).resolve().parent != root.resolve()):
         why = problem(Path(mode), cfg, world, verify, reader)
         if why:
