@@ -42,7 +42,7 @@ from garbage import plant
 
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 SHAPES = {"tiny": ["model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.seq_len=32",
-                   "batch.global_size=8", "batch.micro_size=8", "optim.lr=3e-3"],
+                   "batch.global_size=8", "batch.micro_size=8", "optim.lr=1e-3"],
           "smoke": MODELS["smoke"] + ["optim.lr=1e-3"]}
 QUIET = ["logging.tensorboard=false", "logging.progress=off", "eval.batches=0", "parallel.precision=fp32",
          "schedule.warmup_steps=10", "schedule.decay=constant", "checkpoint.keep=100", "seed=3"]
@@ -139,7 +139,7 @@ def end_to_end(src: str, tmp: Path, fraction: float, points: list[int], every: i
         rollbacks = []
         for e in events:
             if e["event"] == "rollback":
-                dropped = culprits.get(e["step"], set(range(e["skip_start"], e["skip_end"])))
+                dropped = {p for a, b in e["skips"] for p in range(a, b)}
                 rollbacks.append({"step": e["step"], "to_step": e["to_step"], "culprits": e["step"] in culprits,
                                   "skipped": len(dropped), "clean": len(dropped - bad)})
         out[skip] = {"rollbacks": rollbacks, "skipped_updates": sum(e["event"] == "skip" for e in events),
