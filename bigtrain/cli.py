@@ -124,6 +124,15 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                         "overrides, which win over every file, e.g. optim.lr=3e-4")
 
 
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """What `inspect` and `bisect` share: a run directory and one of its steps."""
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--data", help="the prepared data dir, if it moved since the run")
+    p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,20 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="decode the samples a step trained on")
-    p.add_argument("run_dir")
-    p.add_argument("--step", type=int, required=True)
-    p.add_argument("--data", help="the prepared data dir, if it moved since the run")
-    p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_step_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bisect", help="score a step's samples under the checkpoint before it and name the "
                                       "ones that made it spike (the culprits)")
-    p.add_argument("run_dir")
-    p.add_argument("--step", type=int, required=True)
-    p.add_argument("--data", help="the prepared data dir, if it moved since the run")
-    p.add_argument("--chars", type=int, default=80, help="characters of text per sample; 0: all")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_step_args(p)
     p.set_defaults(func=cmd_bisect)
 
     p = sub.add_parser("preflight", help="check data, parameters, initial loss and one-batch overfitting "
