@@ -2,7 +2,8 @@
 
     python bench/checkpoint.py [--data DIR] [--dir DIR]
 
-Prints one JSON object: checkpoint size; sync save time and MB/s; async save: how
+Prints one JSON object: checkpoint size; sync save time and MB/s (the median of three
+saves after a cold first one, reported apart); async save: how
 long the training loop is blocked (inside ``Checkpointer.save``, plus the next
 update waiting for the CPU copy, which overlaps that step's forward and backward)
 and how long until the commit, for the first save (buffers allocated) and a later
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,11 +81,15 @@ def main() -> None:
     trainer = Trainer(cfg, cpu)
     try:
         step(trainer)  # warm-up; AdamW state exists from here on
-        step_s = min(step(trainer) for _ in range(3))
+        step_s = statistics.median(step(trainer) for _ in range(5))
 
-        t0 = time.perf_counter()
-        path = trainer.checkpointer.save(trainer.state.step, trainer.parts())
-        sync_s = time.perf_counter() - t0
+        sync = []  # the first save is cold (files created, pages faulted): report it apart from the median
+        for _ in range(4):
+            step(trainer)
+            t0 = time.perf_counter()
+            path = trainer.checkpointer.save(trainer.state.step, trainer.parts())
+            sync.append(time.perf_counter() - t0)
+        sync_s = statistics.median(sync[1:])
         mb = size_mb(path)
 
         trainer.cfg.checkpoint.async_save = True  # the checkpointer reads it at every save
@@ -106,7 +112,7 @@ def main() -> None:
     out = {
         "params_M": round(trainer.model.num_params() / 1e6, 2), "checkpoint_MB": round(mb, 1),
         "threads": torch.get_num_threads(), "train_step_s": round(step_s, 3),
-        "sync_save": {"s": round(sync_s, 3), "MB_per_s": round(mb / sync_s, 1)},
+        "sync_save": {"median_s": round(sync_s, 3), "MB_per_s": round(mb / sync_s, 1), "first_s": round(sync[0], 3)},
         "async_save_first": first, "async_save_steady": steady,
         "async_blocked_vs_sync": round(steady["blocked_s"] / sync_s, 4),
         "load": {"s": round(load_s, 3), "MB_per_s": round(mb / load_s, 1)},

@@ -8,13 +8,15 @@ threads; two ranks get half each, so on a CPU the comparison is the cost of
 splitting the same cores into ranks (communication and sharding overhead), and
 ``efficiency`` = tokens/s on 2 ranks / tokens/s on 1 rank is 1.0 when that cost
 is nil. On GPUs, where each rank brings its own device, multiply by the ranks.
-Each figure is the fastest of ``--steps`` steps: on a shared machine a step that
-another process interrupts says nothing about the backend. Prints one JSON object.
+Each figure is the median of ``--steps`` timed steps (after two warm-up steps): the
+fastest step would flatter a noisy backend, the mean lets one interrupted step decide.
+Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 from ranks import build, random_batch, run_ranks, train_step, write_record
@@ -38,7 +40,7 @@ def worker(out: str, steps: int, extra: list[str]) -> None:
         train_step(backend, batch, cfg)
         env.barrier()
         seconds.append(time.perf_counter() - t0)
-    write_record(out, env, {"tokens_per_s": cfg.batch.global_size * cfg.model.seq_len / min(seconds)})
+    write_record(out, env, {"tokens_per_s": cfg.batch.global_size * cfg.model.seq_len / statistics.median(seconds)})
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ through bigtrain's trainer and through a bare minimal PyTorch loop on the same m
     python bench/throughput.py [--steps 8] [--data DIR]
 
 Prints one JSON object. The bare loop is the floor on overhead: same model, same
-AdamW, autocast and clipping, random tokens already in memory. The bf16 matmul
-peak is measured by the same probe MFU uses.
+AdamW, autocast and clipping, random tokens already in memory. The matmul peak
+is the one MFU uses (bigtrain/peak.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.metrics import peak_flops
+from bigtrain.peak import peak_flops
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.parallel.env import DistEnv
 from bigtrain.trainer import Trainer
@@ -84,7 +84,7 @@ def main() -> None:
                                              f"parallel.precision={precision}"])
         model = GPT(cfg.model)
         tokens = cfg.batch.global_size * cfg.model.seq_len
-        peak = peak_flops(torch.device("cpu"), precision)
+        peak = peak_flops(torch.device("cpu"), precision).flops
         bare, ours = bare_loop(cfg, args.steps), bigtrain_loop(cfg, args.steps)
         out[precision] = {
             "params_M": round(model.num_params() / 1e6, 2),

@@ -6,74 +6,16 @@ scalars under ``train/`` and ``eval/``. The console shows a tqdm bar with ETA
 on a terminal and a plain line per interval elsewhere, so SLURM logs stay
 readable.
 
-MFU = achieved FLOP/s / peak FLOP/s. Achieved FLOPs per token come from the
-model (6N + 12·L·d·T). The peak comes from a table for known GPUs and, on a
-CPU, from a short matmul probe (tens of ms) run at the start of every run; the best
-value seen per machine, dtype and thread count is kept under ``~/.cache/bigtrain``.
+MFU = achieved FLOP/s / peak FLOP/s; where the peak comes from: bigtrain/peak.py.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-# Dense peak FLOP/s (no sparsity) by device-name substring and dtype.
-GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "A10G": {"bf16": 70e12, "fp32": 31e12},
-    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
-    "L4": {"bf16": 121e12, "fp32": 30e12},
-    "V100": {"bf16": 125e12, "fp32": 15.7e12},
-}
-
-
-def _cpu_probe(dtype: torch.dtype, n: int = 512, repeats: int = 8) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm the kernels
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * repeats / best
-
-
-def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s of one device for ``precision`` (bf16 | fp32)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return table[precision]
-        return float("nan")
-    # The peak is a maximum, so keep the best probe ever seen on this machine: a probe taken
-    # while other work shares the cores reads low, and caching it would inflate MFU forever.
-    key = f"{platform.processor() or platform.machine()}-{torch.get_num_threads()}t-{precision}"
-    cache = Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain")) / "cpu_peak.json"
-    try:
-        table = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        table = {}
-    probed = _cpu_probe(torch.bfloat16 if precision == "bf16" else torch.float32)
-    if probed > table.get(key, 0.0):
-        table[key] = probed
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(table))
-        except OSError:
-            pass
-    return table[key]
-
 
 class Progress:
     """tqdm bar on a terminal; a plain line every logged step otherwise."""

@@ -27,10 +27,11 @@ from bigtrain.data.splits import check_world, open_splits
 from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.ledger import Ledger
-from bigtrain.metrics import MetricsLogger, peak_flops
+from bigtrain.metrics import MetricsLogger
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
+from bigtrain.peak import peak_flops
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
@@ -91,7 +92,8 @@ class Trainer:
         self.order = run_order(cfg, self.data, self.train_split)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
-        self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
+        peak = peak_flops(env.device, cfg.parallel.precision)  # one device's; MFU is over the world
+        self.peak = peak.flops * env.world
         self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
                                      cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
         self.ledger = Ledger(self.run_dir, env.is_main)
@@ -108,6 +110,7 @@ class Trainer:
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
+        self.metrics.text(f"mfu: peak per device from {peak.source}")
         if cfg.stability.enabled and not cfg.checkpoint.every:
             self.metrics.text("stability: checkpoint.every=0 keeps no checkpoint to roll back to: an episode of "
                               f"{cfg.stability.max_consecutive} anomalous steps will abort the run "
