@@ -168,10 +168,18 @@ class ParallelConfig(Section):
                                                        "gradients, 3 also parameters")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast / bf16 params with fp32 master weights; fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-    activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
+    activation_checkpointing: Literal["none", "full", "op"] = Field(
+        "none", description="none | full (recompute whole blocks in backward) | op (keep matmul and attention "
+                            "outputs, recompute the cheap ops); true/false mean full/none")
+    checkpoint_every: int = Field(1, ge=1, description="apply activation checkpointing to every k-th block only")
     compile: bool = Field(False, description="torch.compile each block")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, v: Any) -> Any:
+        return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v  # the key was a bool
 
 
 class CheckpointConfig(Section):

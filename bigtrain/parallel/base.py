@@ -15,28 +15,26 @@ outside this package compares backend names.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.optim import set_lr
 from bigtrain.checkpoint import dcp_io
 from bigtrain.parallel.env import DistEnv
+from bigtrain.parallel.recompute import checkpoint_blocks
 
 
 def prepare_blocks(model: GPT, cfg: Config) -> None:
-    """Activation checkpointing and ``torch.compile``, per block and in place, so that
-    parameter names (and therefore checkpoints and exports) are unchanged."""
+    """Activation checkpointing (bigtrain/parallel/recompute.py) and ``torch.compile``, per
+    block and in place, so that parameter names (and therefore checkpoints and exports) are unchanged."""
+    checkpoint_blocks(model.blocks, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
     for block in model.blocks:
-        if cfg.parallel.activation_checkpointing:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if cfg.parallel.compile:
             block.compile()
 
