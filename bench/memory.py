@@ -1,15 +1,14 @@
-"""Per-rank memory of model + optimizer state on 1 vs 2 ranks, FSDP2 and DeepSpeed ZeRO-3.
+"""Per-rank state memory, measured against ``bigtrain plan``'s prediction, on 1 and 2 ranks.
 
-    python bench/memory.py [--preset gpt2-124m] [--seq-len 128]
+    python bench/memory.py [--sizes small,gpt2-124m,gpt2-350m] [--seq-len 128]
 
-Each run builds the model (GPT-2 small: 124M parameters, ~85M in the blocks),
-takes one bf16 training step on random tokens, so that Adam's moments exist,
-and then counts every tensor alive in the rank's process, each storage once:
-on a CPU the analogue of ``torch.cuda.memory_allocated`` after a step. That is
-the resident state (parameters, master weights, Adam moments, gradient and
-communication buffers), not the activation peak inside the step.
-Prints one JSON object; the target is ``ratio`` <= 0.55 (two ranks each hold
-at most 55% of what one rank holds).
+Each run builds the model, takes one bf16 training step on random tokens (so Adam's
+moments exist), runs the next step's forward and backward, and then counts every tensor
+alive in the rank's process, each storage once: on a CPU the analogue of
+``torch.cuda.memory_allocated`` at the state's peak (parameters, master weights, Adam
+moments, gradients, communication buffers; the activations are freed by then). The
+prediction is ``bigtrain.plan.state_bytes`` for the same config and world size; the
+target is ``error`` within 15%. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -19,11 +18,8 @@ import json
 
 import torch
 
+from bigtrain.plan import state_bytes
 from ranks import build, random_batch, run_ranks, train_step, write_record
-
-RUNS = [("none", []), ("fsdp", ["parallel.backend=fsdp"]),
-        ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"])]
-
 
 def live_tensor_bytes() -> int:
     gc.collect()
@@ -44,30 +40,42 @@ def live_tensor_bytes() -> int:
 
 def worker(out: str, model: list[str]) -> None:
     cfg, env, backend = build(model)
-    train_step(backend, random_batch(cfg, env), cfg)
-    write_record(out, env, {"bytes": live_tensor_bytes()})
+    batch = random_batch(cfg, env)
+    train_step(backend, batch, cfg)          # Adam's moments exist from here on
+    backend.measure(batch, cfg.batch.micro_size)  # gradients held, activations freed: the state's peak
+    measured = live_tensor_bytes()
+    backend.update(cfg.optim.lr, cfg.optim.grad_clip)
+    write_record(out, env, {"bytes": measured, "predicted": sum(state_bytes(cfg, env.world).values())})
+
+
+SIZES = {"small": ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=8192"],
+         "gpt2-124m": ["model.preset=gpt2-124m"], "gpt2-350m": ["model.preset=gpt2-350m"]}
+RUNS = [("none", []), ("fsdp", ["parallel.backend=fsdp"]), ("zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"]),
+        ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"])]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
-    model = [f"model.preset={args.preset}", f"model.seq_len={args.seq_len}", "batch.global_size=2",
-             "batch.micro_size=1", "parallel.precision=bf16"]
+    common = [f"model.seq_len={args.seq_len}", "batch.global_size=2", "batch.micro_size=1", "parallel.precision=bf16"]
     if args.worker:
-        return worker(args.worker, model + args.extra)
-    gib, result = 2**30, {"preset": args.preset, "measure": "live tensor bytes per rank after one step"}
-    for name, extra in RUNS:
-        for world in (1, 2) if name != "none" else (1,):
-            per_rank = [r["bytes"] / gib for r in run_ranks(__file__, world, ["--preset", args.preset,
-                        "--seq-len", str(args.seq_len), *extra], threads=max(1, 2 // world))]
-            result[f"{name}_world{world}_gib"] = [round(b, 3) for b in per_rank]
-        if name != "none":
-            result[f"{name}_ratio"] = round(max(result[f"{name}_world2_gib"]) / result[f"{name}_world1_gib"][0], 3)
-    print(json.dumps(result))
+        return worker(args.worker, common + args.extra)
+    gib, result = 2**30, {"measure": "live tensor bytes per rank after backward (gradients held)", "runs": {}}
+    for size in args.sizes.split(","):
+        for name, extra in RUNS:
+            for world in (1, 2) if name != "none" else (1,):
+                ranks = run_ranks(__file__, world, ["--seq-len", str(args.seq_len), *SIZES[size], *extra],
+                                  threads=max(1, 2 // world))
+                measured, predicted = max(r["bytes"] for r in ranks), ranks[0]["predicted"]
+                result["runs"][f"{size}/{name}/world{world}"] = {
+                    "measured_gib": round(measured / gib, 3), "predicted_gib": round(predicted / gib, 3),
+                    "error": round(predicted / measured - 1, 3)}
+    result["max_abs_error"] = max(abs(r["error"]) for r in result["runs"].values())
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

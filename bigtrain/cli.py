@@ -110,6 +110,16 @@ def cmd_preflight(args) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from bigtrain.config import config_from_args
+    from bigtrain.plan import plan
+    result = plan(config_from_args(args.config), args.gpus, args.gpu, args.mfu)
+    print(json.dumps({k: v for k, v in result.items() if k != "text"}) if args.json else result["text"])
+    return 0
+
+
 def cmd_report(args) -> int:
     from bigtrain.report import draw_report
     drawn = draw_report(args.run_dir, args.out)
@@ -189,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-range-steps", type=int, default=100)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser("plan", help="per-GPU memory, tokens/s and days for a config on N GPUs, and a "
+                                    "micro-batch and checkpointing policy that fit")
+    add_config_args(p)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (data-parallel ranks)")
+    p.add_argument("--gpu", default="H100", help="H100 [PCIe|NVL], H200, A100 [40GB], L40S, L4, A10G, V100")
+    p.add_argument("--mfu", type=float, default=0.4, help="the MFU to estimate time at")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="PNG plots of a finished or running run, with its ledger's events")
     p.add_argument("run_dir")
