@@ -68,6 +68,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="embedding, attention and residual dropout")
     z_loss: float = Field(0.0, ge=0, description="weight of the z-loss (log Z)^2 on the logits; 1e-4 is common")
     init_std: float = Field(0.02, gt=0, description="std of N(0, std) init; residual projections get std/sqrt(2*n_layer)")
+    init_from: Optional[str] = Field(None, description="a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM "
+                                                     "directory (config.json + safetensors) to start from; its config "
+                                                     "decides the architecture keys")
 
     @model_validator(mode="before")
     @classmethod
@@ -319,10 +322,25 @@ def resolve_vocab(cfg: Config) -> Config:
     return cfg
 
 
+def adopt_init_from(cfg: Config) -> Config:
+    """With ``model.init_from``, the Hugging Face directory's config.json decides the architecture
+    (:func:`bigtrain.hf_format.model_fields`; a key set here that contradicts it is an error)."""
+    if not cfg.model.init_from:
+        return cfg
+    from bigtrain.hf_format import model_fields
+    section = model_fields(cfg.model.init_from, cfg.model.model_dump(exclude_unset=True))
+    try:
+        cfg.model = ModelConfig.model_validate(section)
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config error: model.init_from {cfg.model.init_from!r}: {why}") from None
+    return cfg
+
+
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Layer YAML files in order (each over its ``base:`` chain), then ``key=value`` overrides;
-    validate; resolve ``vocab_size: auto``."""
-    return resolve_vocab(build_config(read_tree(paths, overrides)))
+    validate; take the architecture of ``model.init_from``; resolve ``vocab_size: auto``."""
+    return resolve_vocab(adopt_init_from(build_config(read_tree(paths, overrides))))
 
 
 def config_from_args(args: list[str] | tuple[str, ...]) -> Config:
