@@ -221,6 +221,20 @@ class LoggingConfig(Section):
         return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
 
 
+class ProfileConfig(Section):
+    """A torch profiler trace of a few steps on every rank (bigtrain/profiling.py); off by default."""
+    steps: Optional[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
+        None, description="[a, b]: trace steps a..b (inclusive) into RUN_DIR/profile/ (Chrome trace per rank; "
+                          "on CUDA also a memory snapshot)")
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered(cls, v: Any) -> Any:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"the first step {v[0]} is after the last {v[1]}")
+        return v
+
+
 class FaultsConfig(Section):
     """Deliberate faults for tests and demos; all off by default."""
     spike_at: list[int] = Field([], description="steps whose batches are corrupted so the loss spikes")
@@ -246,6 +260,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     faults: FaultsConfig = FaultsConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @model_validator(mode="after")
     def _check_lr(self) -> "Config":

@@ -33,6 +33,8 @@ from bigtrain.model.gpt import GPT
 from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
+from bigtrain.phases import phase
+from bigtrain.profiling import StepProfiler
 from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
 from bigtrain.stability.culprits import culprit_policy
@@ -110,6 +112,7 @@ class Trainer:
         self.faults = Faults(cfg, env.rank, env.world)
         self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
+        self.profiler = StepProfiler(cfg.profile.steps, self.run_dir, env.rank, env.device)  # profile.steps
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
@@ -132,15 +135,18 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict:
         cfg, backend, step = self.cfg, self.backend, self.state.step + 1
-        stats = backend.measure(batch, cfg.batch.micro_size,
-                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
-        verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
+        with phase("forward_backward"):
+            stats = backend.measure(batch, cfg.batch.micro_size,
+                                    after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        with phase("guard"):
+            verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
         lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
         clip = 1.0
-        if verdict.apply:
-            clip = backend.update(lr, cfg.optim.grad_clip)
-        else:
-            backend.discard()
+        with phase("optimizer"):
+            if verdict.apply:
+                clip = backend.update(lr, cfg.optim.grad_clip)
+            else:
+                backend.discard()
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
                 "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
 
@@ -156,9 +162,11 @@ class Trainer:
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
+            self.profiler.at(state.step)
             size = self.batch_size(state.samples)
-            batch = self.faults.corrupt_batch(
-                self.loader.get(state.position, size, self.batch_size(state.samples + size)))
+            with phase("data"):
+                batch = self.faults.corrupt_batch(
+                    self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
@@ -167,7 +175,8 @@ class Trainer:
             window["clipped"] += result["clipped"]
             window["steps"] += 1
             if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
-                self.log_train(result, window)
+                with phase("log"):
+                    self.log_train(result, window)
             step = state.step
             decision = self.guard.after_step(step, batch.step_position, batch.next_position, batch.size)
             if decision.action != GO_ON:
@@ -177,16 +186,21 @@ class Trainer:
             if decision.action == ROLLBACK:
                 continue
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                self.checkpointer.save(step, self.parts())
+                with phase("checkpoint"):
+                    self.checkpointer.save(step, self.parts())
             if cfg.eval.every and step % cfg.eval.every == 0:
-                self.evaluate()
+                with phase("eval"):
+                    self.evaluate()
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
                 self.preempt(reason)
                 return state
-        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
+        with phase("checkpoint"):
+            self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):  # before anything else can fail
-            self.evaluate()
+            with phase("eval"):
+                self.evaluate()
         self.checkpointer.wait()
+        self.profiler.at(state.step)
         return state
 
     def act_on(self, step: int, decision: Decision) -> None:
@@ -260,6 +274,7 @@ class Trainer:
         return val_loss
 
     def close(self) -> None:
+        self.profiler.close()  # a run that stopped inside profile.steps still writes its trace
         self.stop.close()
         self.loader.close()
         self.metrics.close()

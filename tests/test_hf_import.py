@@ -70,10 +70,14 @@ def overrides(data: str, run: Path, hf: Path, *model: str, **extra) -> list[str]
     return base + [f"model.init_from={hf}", *model]
 
 
-def train(tmp_path: Path, args: list[str]) -> int:
-    """``bigtrain train`` of a config file that sets nothing, then ``args``."""
+def config_file(tmp_path: Path) -> str:
+    """A config file that leaves everything to the overrides (the command line needs one)."""
     (tmp_path / "empty.yaml").write_text("seed: 7\n")
-    return main(["train", str(tmp_path / "empty.yaml"), *args])
+    return str(tmp_path / "empty.yaml")
+
+
+def train(tmp_path: Path, args: list[str]) -> int:
+    return main(["train", config_file(tmp_path), *args])
 
 
 def hf_model(directory: Path):
@@ -167,7 +171,7 @@ def test_unsupported_architecture_and_foreign_data_are_one_line(hf_dirs, hf_data
 def test_training_from_hf_weights_on_two_ranks(backend, hf_dirs, hf_data, tmp_path):
     hf, run = hf_dirs["LlamaForCausalLM"], tmp_path / "run"
     args = overrides(hf_data, run, hf, schedule__max_steps=3, parallel__backend=backend, parallel__zero_stage=3)
-    proc = torchrun(2, ["train", *args], env={**rank_env(), "DS_ACCELERATOR": "cpu"})
+    proc = torchrun(2, ["train", config_file(tmp_path), *args], env={**rank_env(), "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     trainer = Trainer(load_config(overrides=overrides(hf_data, tmp_path / "one", hf)), CPU)
     try:
