@@ -209,11 +209,22 @@ class EvalConfig(Section):
     batches: int = Field(8, ge=0, description="global batches of the val split per evaluation")
 
 
+class WandbConfig(Section):
+    """Weights & Biases beside TensorBoard (bigtrain/wandb_sink.py; needs `pip install 'bigtrain[wandb]'`)."""
+    project: str = Field(..., min_length=1, description="W&B project")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="online | offline (kept under "
+                                                           "RUN_DIR/wandb; upload later with `wandb sync`) | disabled")
+    entity: Optional[str] = Field(None, description="W&B team or user; default: your own")
+    name: Optional[str] = Field(None, description="W&B run name; default: the run dir's name")
+
+
 class LoggingConfig(Section):
     every: int = Field(10, ge=1, description="log train metrics every N steps")
     detail_every: int = Field(0, ge=0, description="per-layer norms, update ratios, activations every N steps; 0: off")
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
     progress: Literal["auto", "bar", "plain", "off"] = Field("auto", description="auto: a bar on a terminal, plain lines otherwise")
+    wandb: Optional[WandbConfig] = Field(None, description="{project, mode}: also send the metrics and ledger "
+                                                            "events to Weights & Biases")
 
     @field_validator("progress", mode="before")
     @classmethod

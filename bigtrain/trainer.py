@@ -40,6 +40,7 @@ from bigtrain.signals import StopRequest
 from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
+from bigtrain.wandb_sink import WandbSink
 
 
 @dataclass
@@ -100,9 +101,11 @@ class Trainer:
                                   env.device, cfg.data.prefetch)
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
         self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
-                                     cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
+                                     cfg.logging.progress, cfg.schedule.max_steps, self.state.step,
+                                     wandb=WandbSink(cfg, self.run_dir) if cfg.logging.wandb and env.is_main else None)
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
+        self.ledger.wandb = self.metrics.wandb
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
             self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
