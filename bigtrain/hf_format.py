@@ -84,7 +84,8 @@ def read_hf_config(directory: str):
         return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.init_from {directory!r}: config.json is not a transformers config ({first})") from None
+        raise ConfigError(f"model.init_from {directory!r}: config.json is not a transformers config "
+                          f"({first})") from None
 
 
 def _gpt2(c) -> tuple[dict, list[str]]:
@@ -141,7 +142,7 @@ def model_fields(directory: str, given: dict) -> dict:
     fields = {**ARCHITECTURES[arch], **fields}
     if arch == "LlamaForCausalLM" and isinstance(given.get("seq_len"), int) and given["seq_len"] <= fields["seq_len"]:
         fields["seq_len"] = given["seq_len"]
-    clash = [k for k, v in fields.items() if k in given and given[k] != v and not (k, given[k]) == ("vocab_size", "auto")]
+    clash = [k for k, v in fields.items() if k in given and given[k] not in (v, "auto")]  # vocab_size: auto
     if clash:
         theirs = ", ".join(f"{k}={fields[k]!r}" for k in clash)
         ours = ", ".join(f"model.{k}={given[k]!r}" for k in clash)

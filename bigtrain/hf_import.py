@@ -5,9 +5,10 @@ and safetensors) is taken in three steps, each where the run already does that k
 
 1. Loading the config: the directory's config.json decides the architecture keys
    (:func:`bigtrain.config.adopt_init_from` with :func:`bigtrain.hf_format.model_fields`).
-2. Opening the data: the data must be tokenized with the weights' tokenizer
-   (:func:`check_data`): the same vocabulary size and, where the directory holds a
-   ``tokenizer.json``, the same ids. The directory itself is what
+2. Opening the data (:func:`open_weights`, before the run writes anything): the data must
+   be tokenized with the weights' tokenizer (:func:`check_data`): the same vocabulary size
+   and, where the directory holds a ``tokenizer.json``, the same ids; the safetensors must
+   hold every tensor the architecture needs and nothing else. The directory itself is what
    ``bigtrain prepare --tokenizer DIR`` takes.
 3. Building the model: :class:`HFWeights` is a *source*, ``name -> the full fp32 tensor of
    one of our parameters``, reading the safetensors lazily, one tensor at a time; it is
@@ -52,7 +53,8 @@ class HFWeights:
                 raise ConfigError(f"model.init_from {str(directory)!r}: the weights have no tensor {name!r}")
             self.keys[name] = key
         self.files = {key: files[key] for key in self.keys.values()}
-        extra = sorted(k for k in files.keys() - self.files.keys() if not k.endswith(DERIVED))
+        derived = DERIVED + (("lm_head.weight",) if cfg.tie_embeddings else ())  # a tied head saved anyway
+        extra = sorted(k for k in files.keys() - self.files.keys() if not k.endswith(derived))
         if extra:
             raise ConfigError(f"model.init_from {str(directory)!r}: {len(extra)} tensor(s) that bigtrain's "
                               f"model has no place for, e.g. {extra[0]!r}")
@@ -90,6 +92,13 @@ def load_weights(model: torch.nn.Module, source) -> None:
             raise ConfigError(f"model.init_from: {name} has shape {tuple(tensor.shape)} in the weights, "
                               f"{tuple(param.shape)} in the model their config.json describes")
         param.copy_(tensor)
+
+
+def open_weights(cfg, data) -> HFWeights:
+    """``model.init_from``'s weights, checked against their config and ``data`` before the run
+    writes anything (only the safetensors headers are read)."""
+    check_data(cfg, data)
+    return HFWeights(cfg.model.init_from, cfg.model)
 
 
 def check_data(cfg, data) -> None:

@@ -26,7 +26,7 @@ from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.data.splits import check_world, open_splits
 from bigtrain.faults import Faults
 from bigtrain.health import Health
-from bigtrain.hf_import import HFWeights, check_data, load_weights
+from bigtrain.hf_import import load_weights, open_weights
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger, peak_flops
 from bigtrain.model.gpt import GPT
@@ -75,8 +75,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         check_world(cfg, env.world)
         self.data, self.train_split, self.val_split = splits or open_splits(cfg)
-        if cfg.model.init_from:  # the data must speak the weights' vocabulary
-            check_data(cfg, self.data)
+        self.weights = open_weights(cfg, self.data) if cfg.model.init_from else None  # checked before any write
         if cfg.model.vocab_size != self.data.vocab_size:
             raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
                               f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
@@ -87,8 +86,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)  # same init on every rank
         self.model = GPT(cfg.model)
-        if cfg.model.init_from:  # continued pretraining: the Hugging Face weights replace the init
-            load_weights(self.model, HFWeights(cfg.model.init_from, cfg.model))
+        if self.weights is not None:  # continued pretraining: the Hugging Face weights replace the init
+            load_weights(self.model, self.weights)
         # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
         n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
         self.flops_per_token = self.model.flops_per_token()

@@ -130,7 +130,7 @@ def test_hf_weights_round_trip_bitwise_and_compute_what_transformers_computes(ar
 def test_the_weights_decide_the_architecture(hf_dirs, hf_data, tmp_path, capsys):
     llama = hf_dirs["LlamaForCausalLM"]
     args = overrides(hf_data, tmp_path / "run", llama)
-    with pytest.raises(ConfigError, match=r"n_head=4, d_model=64 but the config says model.n_head=2, model.d_model=128"):
+    with pytest.raises(ConfigError, match="n_head=4, d_model=64 but the config says model.n_head=2, model.d_model=12"):
         load_config(overrides=args + ["model.n_head=2", "model.d_model=128"])
     with pytest.raises(ConfigError, match="seq_len=64 but the config says model.seq_len=128"):
         load_config(overrides=args + ["model.seq_len=128"])  # longer than max_position_embeddings
@@ -180,3 +180,22 @@ def test_training_from_hf_weights_on_two_ranks(backend, hf_dirs, hf_data, tmp_pa
         trainer.close()
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and losses[0] == pytest.approx(hf_loss(hf, rows), abs=1e-5)
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(hf_dirs, hf_data, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["GPT2LMHeadModel"], hf)
+    tensors = load_file(hf / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    assert train(tmp_path, overrides(hf_data, tmp_path / "a", hf)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the weights have no tensor 'transformer.h.1.mlp.c_fc.bias'" in err and "\n" not in err
+    assert not (tmp_path / "a").exists()  # refused before the run wrote anything
+    tensors["transformer.h.1.mlp.c_fc.bias"] = tensors["transformer.h.0.mlp.c_fc.bias"][:7].clone()  # wrong shape
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    assert train(tmp_path, overrides(hf_data, tmp_path / "b", hf)) == 2
+    assert "blocks.1.mlp.fc.bias has shape (7,) in the weights, (256,) in the model" in capsys.readouterr().err

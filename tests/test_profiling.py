@@ -30,8 +30,8 @@ def test_trace_holds_the_chosen_steps_and_their_phases(prose_bytes, tmp_path):
     assert {f"bigtrain/{p}" for p in PHASES} <= names
     # every phase lies inside a step: one forward/backward per step, the checkpoint after step 4 in step 4
     step3, step4 = ranges(trace, "bigtrain/step 3")[0], ranges(trace, "bigtrain/step 4")[0]
-    inside = [sum(s[0] <= a and b <= s[1] for s in (step3, step4)) for a, b in ranges(trace, "bigtrain/forward_backward")]
-    assert inside == [1, 1]
+    passes = ranges(trace, "bigtrain/forward_backward")
+    assert [sum(s[0] <= a and b <= s[1] for s in (step3, step4)) for a, b in passes] == [1, 1]
     (a, b), = ranges(trace, "bigtrain/checkpoint")
     assert step4[0] <= a and b <= step4[1]
 
