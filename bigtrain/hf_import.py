@@ -46,7 +46,7 @@ class HFWeights:
         self.places = hf_places(cfg)
         files = self._weight_map()
         self.keys: dict[str, str] = {}  # an HF name in our table -> its key in the files
-        for name in {n for place in self.places.values() for n in place.names}:
+        for name in sorted({n for place in self.places.values() for n in place.names}):
             short = name.split(".", 1)[1] if name.startswith(PREFIXES) else name
             key = name if name in files else short if short in files else None
             if key is None:

@@ -14,7 +14,8 @@ Every rank writes its own files: a straggler or an uneven collective shows up on
 ranks can be compared. The trainer calls :meth:`StepProfiler.at` once per step with the
 number of steps done; off (the default) that is one attribute test. Step ``N``'s range runs
 from the top of step N to the top of step N+1, so the checkpoint or eval that follows a step
-is inside it. A rollback that goes back before ``a`` does not profile again.
+is inside it. A rollback inside the window shows the replayed steps again; one after the
+window does not profile again.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ class StepProfiler:
         self.range: torch.profiler.record_function | None = None
 
     def at(self, done: int) -> None:
-        """Called at the top of every step (``done`` steps finished) and once after the last."""
+        """Called at the top of every step, ``done`` steps finished."""
         if not self.pending:
             return
-        if self.prof is None and done == self.first - 1:
+        if self.prof is None and self.first - 1 <= done < self.last:  # (a run resumed inside the window: from here)
             self._start()
         if self.prof is not None:
             self._end_range()

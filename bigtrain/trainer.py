@@ -202,7 +202,7 @@ class Trainer:
             with phase("eval"):
                 self.evaluate()
         self.checkpointer.wait()
-        self.profiler.at(state.step)
+        self.profiler.close()  # a window that reaches the last step ends with it
         return state
 
     def act_on(self, step: int, decision: Decision) -> None:
