@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,wandb]"
 	touch $(STAMP)
 
 install: $(STAMP)

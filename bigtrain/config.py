@@ -68,6 +68,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="embedding, attention and residual dropout")
     z_loss: float = Field(0.0, ge=0, description="weight of the z-loss (log Z)^2 on the logits; 1e-4 is common")
     init_std: float = Field(0.02, gt=0, description="std of N(0, std) init; residual projections get std/sqrt(2*n_layer)")
+    init_from: Optional[str] = Field(None, description="a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM "
+                                                     "directory (config.json + safetensors) to start from; its config "
+                                                     "decides the architecture keys")
 
     @model_validator(mode="before")
     @classmethod
@@ -214,16 +217,41 @@ class EvalConfig(Section):
     batches: int = Field(8, ge=0, description="global batches of the val split per evaluation")
 
 
+class WandbConfig(Section):
+    """Weights & Biases beside TensorBoard (bigtrain/wandb_sink.py; needs `pip install 'bigtrain[wandb]'`)."""
+    project: str = Field(..., min_length=1, description="W&B project")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="online | offline (kept under "
+                                                           "RUN_DIR/wandb; upload later with `wandb sync`) | disabled")
+    entity: Optional[str] = Field(None, description="W&B team or user; default: your own")
+    name: Optional[str] = Field(None, description="W&B run name; default: the run dir's name")
+
+
 class LoggingConfig(Section):
     every: int = Field(10, ge=1, description="log train metrics every N steps")
     detail_every: int = Field(0, ge=0, description="per-layer norms, update ratios, activations every N steps; 0: off")
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
     progress: Literal["auto", "bar", "plain", "off"] = Field("auto", description="auto: a bar on a terminal, plain lines otherwise")
+    wandb: Optional[WandbConfig] = Field(None, description="{project, mode}: also send the metrics and ledger "
+                                                            "events to Weights & Biases")
 
     @field_validator("progress", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
+
+
+class ProfileConfig(Section):
+    """A torch profiler trace of a few steps on every rank (bigtrain/profiling.py); off by default."""
+    steps: Optional[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
+        None, description="[a, b]: trace steps a..b (inclusive) into RUN_DIR/profile/ (Chrome trace per rank; "
+                          "on CUDA also a memory snapshot)")
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered(cls, v: Any) -> Any:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"the first step {v[0]} is after the last {v[1]}")
+        return v
 
 
 class FaultsConfig(Section):
@@ -251,6 +279,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     faults: FaultsConfig = FaultsConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @model_validator(mode="after")
     def _check_lr(self) -> "Config":
@@ -327,10 +356,25 @@ def resolve_vocab(cfg: Config) -> Config:
     return cfg
 
 
+def adopt_init_from(cfg: Config) -> Config:
+    """With ``model.init_from``, the Hugging Face directory's config.json decides the architecture
+    (:func:`bigtrain.hf_format.model_fields`; a key set here that contradicts it is an error)."""
+    if not cfg.model.init_from:
+        return cfg
+    from bigtrain.hf_format import model_fields
+    section = model_fields(cfg.model.init_from, cfg.model.model_dump(exclude_unset=True))
+    try:
+        cfg.model = ModelConfig.model_validate(section)
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config error: model.init_from {cfg.model.init_from!r}: {why}") from None
+    return cfg
+
+
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Layer YAML files in order (each over its ``base:`` chain), then ``key=value`` overrides;
-    validate; resolve ``vocab_size: auto``."""
-    return resolve_vocab(build_config(read_tree(paths, overrides)))
+    validate; take the architecture of ``model.init_from``; resolve ``vocab_size: auto``."""
+    return resolve_vocab(adopt_init_from(build_config(read_tree(paths, overrides))))
 
 
 def config_from_args(args: list[str] | tuple[str, ...]) -> Config:

@@ -18,6 +18,7 @@ class Ledger:
         self.path = Path(run_dir) / "ledger.jsonl"
         self.enabled = enabled
         self.tb = None  # set by the trainer when TensorBoard is on, to mark events there too
+        self.wandb = None  # likewise for Weights & Biases (bigtrain.wandb_sink)
 
     def record(self, event: str, step: int, **fields) -> dict:
         entry = {"event": event, "step": step, **fields, "time": round(time.time(), 3)}
@@ -26,6 +27,8 @@ class Ledger:
                 f.write(json.dumps(entry) + "\n")
             if self.tb is not None:
                 self.tb.add_text("ledger", json.dumps(entry), step)
+            if self.wandb is not None:
+                self.wandb.event(entry)
         return entry
 
     def events(self) -> list[dict]:

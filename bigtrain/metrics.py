@@ -50,9 +50,10 @@ class MetricsLogger:
     """Writes scalars for rank 0; every other rank gets a logger that does nothing."""
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: str,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, wandb=None):
         self.enabled = enabled
         self.tb = None
+        self.wandb = wandb  # a bigtrain.wandb_sink.WandbSink (rank 0, logging.wandb set) or None
         self.progress = None
         if not enabled:
             return
@@ -72,6 +73,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.scalars(step, record, prefix)
         if prefix == "train" and self.progress is not None:
             self.progress.update(step, record)
 
@@ -89,5 +92,7 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.progress is not None:
             self.progress.close()

@@ -26,6 +26,7 @@ from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.data.splits import check_world, open_splits
 from bigtrain.faults import Faults
 from bigtrain.health import Health
+from bigtrain.hf_import import load_weights, open_weights
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger
 from bigtrain.model.gpt import GPT
@@ -33,11 +34,14 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.backend import build_backend
 from bigtrain.peak import peak_flops
 from bigtrain.parallel.env import DistEnv, seed_everything
+from bigtrain.phases import phase
+from bigtrain.profiling import StepProfiler
 from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
 from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
+from bigtrain.wandb_sink import WandbSink
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         check_world(cfg, env.world)
         self.data, self.train_split, self.val_split = splits or open_splits(cfg)
+        self.weights = open_weights(cfg, self.data) if cfg.model.init_from else None  # checked before any write
         if cfg.model.vocab_size != self.data.vocab_size:
             raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
                               f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
@@ -82,6 +87,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)  # same init on every rank
         self.model = GPT(cfg.model)
+        if self.weights is not None:  # continued pretraining: the Hugging Face weights replace the init
+            load_weights(self.model, self.weights)
         # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
         n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
         self.flops_per_token = self.model.flops_per_token()
@@ -95,9 +102,11 @@ class Trainer:
         peak = peak_flops(env.device, cfg.parallel.precision)  # one device's; MFU is over the world
         self.peak = peak.flops * env.world
         self.metrics = MetricsLogger(str(self.run_dir), env.is_main, cfg.logging.tensorboard,
-                                     cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
+                                     cfg.logging.progress, cfg.schedule.max_steps, self.state.step,
+                                     wandb=WandbSink(cfg, self.run_dir) if cfg.logging.wandb and env.is_main else None)
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
+        self.ledger.wandb = self.metrics.wandb
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
             self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
@@ -107,6 +116,7 @@ class Trainer:
         self.faults = Faults(cfg, env.rank, env.world)
         self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
+        self.profiler = StepProfiler(cfg.profile.steps, self.run_dir, env.rank, env.device)  # profile.steps
         self.metrics.text(f"bigtrain: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), "
                           f"backend={self.backend.name}, world={env.world}, device={env.device}, "
                           f"precision={cfg.parallel.precision}")
@@ -130,15 +140,18 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict:
         cfg, backend, step = self.cfg, self.backend, self.state.step + 1
-        stats = backend.measure(batch, cfg.batch.micro_size,
-                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
-        verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
+        with phase("forward_backward"):
+            stats = backend.measure(batch, cfg.batch.micro_size,
+                                    after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        with phase("guard"):
+            verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
         lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
         clip = 1.0
-        if verdict.apply:
-            clip = backend.update(lr, cfg.optim.grad_clip)
-        else:
-            backend.discard()
+        with phase("optimizer"):
+            if verdict.apply:
+                clip = backend.update(lr, cfg.optim.grad_clip)
+            else:
+                backend.discard()
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
                 "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
 
@@ -154,9 +167,11 @@ class Trainer:
         self.backend.train()
         window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
+            self.profiler.at(state.step)
             size = self.batch_size(state.samples)
-            batch = self.faults.corrupt_batch(
-                self.loader.get(state.position, size, self.batch_size(state.samples + size)))
+            with phase("data"):
+                batch = self.faults.corrupt_batch(
+                    self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
@@ -165,7 +180,8 @@ class Trainer:
             window["clipped"] += result["clipped"]
             window["steps"] += 1
             if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
-                self.log_train(result, window)
+                with phase("log"):
+                    self.log_train(result, window)
             step = state.step
             decision = self.guard.after_step(step, batch.step_position, batch.next_position, batch.size)
             if decision.action != GO_ON:
@@ -175,16 +191,21 @@ class Trainer:
             if decision.action == ROLLBACK:
                 continue
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                self.checkpointer.save(step, self.parts())
+                with phase("checkpoint"):
+                    self.checkpointer.save(step, self.parts())
             if cfg.eval.every and step % cfg.eval.every == 0:
-                self.evaluate()
+                with phase("eval"):
+                    self.evaluate()
             if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
                 self.preempt(reason)
                 return state
-        self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
+        with phase("checkpoint"):
+            self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
         if not (cfg.eval.every and state.step % cfg.eval.every == 0):  # before anything else can fail
-            self.evaluate()
+            with phase("eval"):
+                self.evaluate()
         self.checkpointer.wait()
+        self.profiler.close()  # a window that reaches the last step ends with it
         return state
 
     def act_on(self, step: int, decision: Decision) -> None:
@@ -258,6 +279,7 @@ class Trainer:
         return val_loss
 
     def close(self) -> None:
+        self.profiler.close()  # a run that stopped inside profile.steps still writes its trace
         self.stop.close()
         self.loader.close()
         self.metrics.close()
