@@ -86,7 +86,7 @@ def cmd_launch(args) -> int:
 def cmd_export(args) -> int:
     from bigtrain.export import export
     out = export(args.run_dir, args.out or os.path.join(args.run_dir, "export"), args.step, args.tokenizer,
-                 args.overwrite)
+                 args.overwrite, args.ema)
     print(f"exported to {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: RUN_DIR/export")
     p.add_argument("--tokenizer", help="a prepared data dir whose tokenizer to ship (default: the run's data.path)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--ema", action="store_true", help="export the EMA of the weights (runs with ema.decay > 0)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="decode the samples a step trained on")
