@@ -25,26 +25,16 @@ parameters are finite at every step (an anomalous update is never applied), so
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
-from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
-from bigtrain.config import EMAConfig
+from bigtrain.config import ConfigError, EMAConfig
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a DTensor's local shard, or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _reshard(model: nn.Module) -> None:
-    """Free FSDP2's gathered parameters, so the next forward gathers the shards as they are
-    now: a module kept gathered after a forward (the root, the last block) would otherwise
-    compute with the weights it gathered before a swap."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 class EMA:
@@ -93,16 +83,16 @@ class EMA:
         return {"weights": dict(zip(self.names, self.weights)), "updates": self.count}
 
     @contextlib.contextmanager
-    def swapped_in(self, model: nn.Module):
-        """The EMA in the parameters for the duration (e.g. an evaluation), the trained
+    def swapped_in(self, backend):
+        """The EMA in ``backend``'s weights for the duration (e.g. an evaluation), the trained
         weights back afterwards, bitwise."""
-        _reshard(model)
         self._swap()
+        backend.ema_refresh()
         try:
             yield
         finally:
-            _reshard(model)
             self._swap()
+            backend.ema_refresh()
 
     @torch.no_grad()
     def _swap(self) -> None:
@@ -119,3 +109,47 @@ def attach_ema(backend, cfg: EMAConfig, device: torch.device) -> EMA | None:
         return None
     backend.ema = EMA(backend.ema_targets(), cfg, device)
     return backend.ema
+
+
+# ---------------------------------------------------------------- DeepSpeed's EMA files
+
+def partition_file(rank: int) -> str:
+    return f"ema-{rank:05d}.pt"
+
+
+def save_partitions(path: Path, rank: int, ema: EMA, fragments: dict[str, tuple[int, int, int, int]]) -> None:
+    """This rank's EMA of its ZeRO master partitions into checkpoint directory ``path``, with
+    ``fragments``: parameter name -> (partition, start in it, numel, start in the flattened
+    parameter), which is all :func:`consolidate` needs to rebuild whole tensors without DeepSpeed."""
+    torch.save({"partitions": [w.detach().cpu() for w in ema.weights], "updates": ema.count.cpu(),
+                "fragments": fragments}, Path(path) / partition_file(rank))
+
+
+def load_partitions(path: Path, rank: int, ema: EMA) -> bool:
+    """Restore this rank's EMA from ``path``; False when that checkpoint holds none."""
+    file = Path(path) / partition_file(rank)
+    if not file.is_file():
+        return False
+    saved = torch.load(file, weights_only=True)
+    with torch.no_grad():
+        torch._foreach_copy_(ema.weights, [t.to(w.device) for t, w in zip(saved["partitions"], ema.weights)])
+        ema.count.copy_(saved["updates"])
+    return True
+
+
+def consolidate(path: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor] | None:
+    """Whole EMA tensors (fp32, CPU) from every rank's file in ``path``, or None when there are none."""
+    files = sorted(Path(path).glob("ema-*.pt"))
+    if not files:
+        return None
+    flat = {name: torch.zeros(shape.numel()) for name, shape in shapes.items()}
+    covered = dict.fromkeys(shapes, 0)
+    for file in files:
+        saved = torch.load(file, weights_only=True)
+        for name, (part, start, numel, offset) in saved["fragments"].items():
+            flat[name][offset:offset + numel] = saved["partitions"][part][start:start + numel]
+            covered[name] += numel
+    if missing := [name for name, shape in shapes.items() if covered[name] != shape.numel()]:
+        raise ConfigError(f"checkpoint {str(path)!r}: its EMA files cover {covered[missing[0]]} of the "
+                          f"{shapes[missing[0]].numel()} elements of {missing[0]}")
+    return {name: flat[name].view(shape) for name, shape in shapes.items()}

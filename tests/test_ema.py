@@ -17,7 +17,7 @@ from bigtrain.cli import main
 from bigtrain.config import EMAConfig, load_config
 from bigtrain.ema import EMA
 from bigtrain.export import hf_state_dict
-from helpers import REPO, fit, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
+from helpers import REPO, fit, rank_env, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 EMA_ON = dict(ema__decay=0.9, ema__warmup=True, ema__every=2)
@@ -126,23 +126,45 @@ def test_export_ema_of_a_run_without_it_is_one_line_exit_2(prose_bytes, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # real processes (torchrun)
-def test_fsdp_two_ranks_keep_the_ema_of_one_process(prose_bytes, tmp_path):
-    """2 FSDP ranks each average their own shards; the checkpoint reassembles the EMA of one process."""
-    overrides = dict(checkpoint__every=5, eval__every=5, **EMA_ON)
-    fit(load_config(SMOKE, overrides=tiny_overrides(prose_bytes, tmp_path / "one", **overrides)))
-    proc = torchrun(2, ["train", SMOKE, *tiny_overrides(prose_bytes, tmp_path / "two", parallel__backend="fsdp",
-                                                          **overrides)])
+@pytest.fixture(scope="module")
+def one_process(prose_bytes, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ema-one") / "run"
+    fit(load_config(SMOKE, overrides=tiny_overrides(prose_bytes, run, **PARITY)))
+    return run
+
+
+PARITY = dict(checkpoint__every=5, eval__every=5, **EMA_ON)
+BACKENDS = {"fsdp": ["parallel.backend=fsdp"],
+            "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+            "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+
+
+def two_ranks(data: str, run, backend: str, *extra: str):
+    proc = torchrun(2, ["train", SMOKE, *tiny_overrides(data, run, **PARITY), *BACKENDS[backend], *extra],
+                    env={**rank_env(), "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = load_model(tmp_path / "one", ema=True), load_model(tmp_path / "two", ema=True)
+
+
+@pytest.mark.slow  # real processes (torchrun)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_two_ranks_keep_the_ema_of_one_process(backend, one_process, prose_bytes, tmp_path):
+    """2 ranks each average their own shards (FSDP2) or ZeRO partitions (DeepSpeed); the
+    checkpoint reassembles the EMA of one process, and eval swaps it in on every rank."""
+    two_ranks(prose_bytes, tmp_path / "two", backend)
+    one, two = load_model(one_process, ema=True), load_model(tmp_path / "two", ema=True)
     for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     for step in (5, 10):
-        a, b = evals(tmp_path / "one")[step], evals(tmp_path / "two")[step]
+        a, b = evals(one_process)[step], evals(tmp_path / "two")[step]
         assert b["val_loss_ema"] == pytest.approx(a["val_loss_ema"], rel=1e-4)
         assert b["val_loss_ema"] != b["val_loss"]
-    # a 2-rank EMA resumes on one rank: DCP reshards it
-    shutil.copytree(tmp_path / "two" / "checkpoints", tmp_path / "resharded" / "checkpoints")
-    fit(load_config(SMOKE, overrides=tiny_overrides(prose_bytes, tmp_path / "resharded", schedule__max_steps=12,
-                                                    **overrides)))
-    assert sorted(dict(train_losses(tmp_path / "resharded"))) == [11, 12]
+    if backend == "fsdp":  # a 2-rank EMA resumes on one rank: DCP reshards it
+        shutil.copytree(tmp_path / "two" / "checkpoints", tmp_path / "resharded" / "checkpoints")
+        fit(load_config(SMOKE, overrides=tiny_overrides(prose_bytes, tmp_path / "resharded", schedule__max_steps=12,
+                                                        **PARITY)))
+        assert sorted(dict(train_losses(tmp_path / "resharded"))) == [11, 12]
+    if backend == "zero2":  # DeepSpeed's own checkpoint files carry it: a resume is bitwise
+        two_ranks(prose_bytes, tmp_path / "resumed", backend,
+                  f"checkpoint.resume={tmp_path / 'two' / 'checkpoints' / 'step-00000005'}")
+        assert same(load_model(tmp_path / "resumed", ema=True), two)
+        assert evals(tmp_path / "resumed")[10] == evals(tmp_path / "two")[10]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from bigtrain.checkpoint.format import META, committed, problem, read_meta, weights_only_loads
 from bigtrain.config import Config, ConfigError, ModelConfig
 
@@ -81,9 +83,17 @@ def load_model(run_dir: str | Path, step: int | None = None, ema: bool = False):
     meta = read_meta(path)
     model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
     no_ema = f"checkpoint {str(path)!r} holds no EMA of the weights (its run had ema.decay=0)"
-    if meta["checkpoint_format"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
-        if ema:
+    if meta["checkpoint_format"] == "deepspeed" and ema:  # each rank's EMA of its ZeRO partitions, gathered
+        from bigtrain.ema import consolidate
+        with weights_only_loads():
+            state = consolidate(path, {n: p.shape for n, p in model.named_parameters()})
+        if state is None:
             raise ConfigError(no_ema)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(state[n])
+        return model.eval()
+    if meta["checkpoint_format"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with weights_only_loads():
             model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))

@@ -178,6 +178,15 @@ class Backend:
         themselves (under FSDP2 DTensors, each rank's shards)."""
         return dict(self.raw_model.named_parameters())
 
+    def ema_refresh(self) -> None:
+        """After the EMA was swapped into (or out of) :meth:`ema_targets`: make the next forward
+        compute with them. FSDP2 frees what it keeps gathered (the root, the last block), so
+        the next forward gathers the shards as they are now."""
+        from torch.distributed.fsdp import FSDPModule
+        for module in self.raw_model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def sharded_state(self) -> dict:
         """Model and optimizer as DCP sees them: keyed by parameter name (the optimizer's
         state too, not by position), each rank holding its own shards. So one checkpoint
