@@ -95,6 +95,19 @@ def test_a_checkpoint_without_ema_starts_it_at_its_weights(ema_run, prose_bytes,
     assert same(load_model(tmp_path / "on", ema=True), load_model(plain))
 
 
+def test_a_rollback_restores_the_ema_of_its_target(prose_char, tmp_path):
+    """Three spikes (40-42) roll back to step 35; the restored state, re-saved at step 35, holds the
+    EMA of step 35 (as a run that stopped there has it), not the one the episode had moved on to."""
+    common = dict(checkpoint__every=5, checkpoint__keep=20, schedule__decay="constant", stability__window=32,
+                  stability__warmup=30, faults__spike_at=[40, 41, 42], ema__decay=0.9)
+    fit(tiny_config(prose_char, tmp_path / "spiky", schedule__max_steps=45, **common))
+    fit(tiny_config(prose_char, tmp_path / "stopped", schedule__max_steps=35, **common))
+    (rollback,) = [e for e in read_jsonl(tmp_path / "spiky" / "ledger.jsonl") if e["event"] == "rollback"]
+    assert rollback["to_step"] == 35
+    assert same(load_model(tmp_path / "spiky", 35, ema=True), load_model(tmp_path / "stopped", 35, ema=True))
+    assert not same(load_model(tmp_path / "spiky", 40, ema=True), load_model(tmp_path / "stopped", 35, ema=True))
+
+
 def test_val_loss_ema_below_val_loss_in_a_noisy_run(prose_bytes, tmp_path):
     """A constant, high LR on batches of 8: the weights jitter around a plateau and their
     average sits lower (the numbers are in the report: bench/ema.py prints them too)."""
