@@ -1,6 +1,7 @@
 """An exponential moving average (EMA) of the weights, for evaluation and export.
 
-After every ``ema.every``-th step whose update was applied::
+After every step whose number is a multiple of ``k = ema.every`` and whose update was
+applied (a skipped step there is not made up later: the EMA waits for the next multiple)::
 
     ema <- d**k * ema + (1 - d**k) * theta          (k = ema.every)
 
@@ -10,12 +11,14 @@ counts the optimizer updates they covered). ``d**k`` keeps the time constant, ab
 ``1 / (1 - d)`` steps, whatever ``k`` is; a larger ``k`` only costs fewer passes over
 the weights. ``theta`` is the fp32 master of each parameter, so the EMA is fp32 too.
 
-Sharded like the parameters, never whole on a rank that does not hold the whole model:
-under FSDP2 the EMA is a clone of each parameter's DTensor (its local shard; DCP
-reshards it to any world size on load), under ``backend: none`` a clone of the
-parameters. Checkpoints hold it as the backend's ``ema`` entry (``weights`` keyed by
-parameter name, and the update count), so a resume, and a rollback, which is a load,
-restore it bitwise.
+Sharded like the parameters, never whole on a rank that does not hold the whole model
+(``Backend.ema_targets``): under FSDP2 a clone of each parameter's DTensor (its local
+shard; DCP reshards it to any world size on load), under ``backend: none`` a clone of
+the parameters, under DeepSpeed ZeRO-1/2/3 a clone of this rank's flat fp32 master
+partitions. DCP checkpoints hold it as the backend's ``ema`` entry (``weights`` keyed by
+parameter name, and the update count); DeepSpeed's as ``ema-<rank>.pt`` files (below).
+A resume, and a rollback, which is a load, restore it bitwise; a checkpoint without one
+(``ema.decay`` was 0) starts it at the loaded weights.
 
 A skipped step never moves the EMA: the step's verdict (``applied``) multiplies the
 weight instead of being read on the host, so it may be a bool on the device. The
