@@ -243,6 +243,7 @@ class Trainer:
             return None
         record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         if self.ema is not None:
+            self.checkpointer.wait()  # an async save may still be copying the tensors the swap writes
             with self.ema.swapped_in(self.backend):
                 record["val_loss_ema"] = self.val_loss()
         self.metrics.scalars(self.state.step, record, prefix="eval")
