@@ -29,8 +29,9 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
-from bigtrain.checkpoint.format import STATE, problem, read_meta
+from bigtrain.checkpoint.format import STATE, committed, problem, read_meta
 from bigtrain.checkpoint.resume import find
 from bigtrain.config import Config, ConfigError, build_config, resolve_vocab
 from bigtrain.config_files import read_tree
@@ -59,4 +60,20 @@ def anneal_config(source: str | Path, step: int | None, out: str | Path, decay_s
     if after > before * (1 + 1e-6):
         raise ConfigError(f"anneal: {path} ran at LR {before:.3g} (before batch scaling) and the anneal would "
                           f"start at {after:.3g}; anneal from a checkpoint of a stable phase, or set optim.lr")
+    _check_same_anneal(Path(out), cfg)
     return cfg
+
+
+def _check_same_anneal(out: Path, cfg: Config) -> None:
+    """Running the command again resumes the anneal in ``out`` (e.g. after a preemption); the
+    same ``out`` with another source or schedule would silently go on with the old one: refused."""
+    if not committed(out / "checkpoints") or not (out / "config.yaml").is_file():
+        return
+    saved, ours = yaml.safe_load((out / "config.yaml").read_text()), cfg.to_dict()
+    for section, key in (("checkpoint", "resume"), ("schedule", None)):
+        theirs, mine = saved.get(section, {}), ours[section]
+        theirs, mine = (theirs.get(key), mine[key]) if key else (theirs, mine)
+        if theirs != mine:
+            raise ConfigError(f"anneal: {str(out)!r} already holds an anneal with {section}"
+                              f"{'.' + key if key else ''} {theirs}; this one has {mine}: use another --out "
+                              "(the same command again resumes that anneal)")

@@ -98,6 +98,12 @@ def test_anneal_from_a_stable_checkpoint_is_reproducible_and_follows_the_closed_
     assert dict(train_losses(first))[9] == dict(train_losses(stable_run))[9]
     (event,) = read_jsonl(first / "ledger.jsonl")
     assert event["event"] == "resume" and event["step"] == 8
+    # the same command again resumes the finished anneal (nothing to do); another schedule there is refused
+    assert main(["anneal", *args, "--out", str(first)]) == 0 and len(train_losses(first)) == 4
+    capsys.readouterr()
+    assert main(["anneal", *args[:-2], "3", "--out", str(first)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds an anneal with schedule" in err and "\n" not in err
 
 
 def test_anneal_refuses_a_checkpoint_past_the_stable_phase_in_one_line(stable_run, tmp_path, capsys):
