@@ -24,8 +24,23 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from bigtrain.config import config_from_args
-    cfg = config_from_args(args.config)  # before importing torch: a bad config is answered at once
+    return train(config_from_args(args.config))  # before importing torch: a bad config is answered at once
 
+
+def cmd_anneal(args) -> int:
+    from bigtrain.anneal import anneal_config
+    from bigtrain.config import split_args
+    files, overrides = split_args(args.config, require_file=False)
+    cfg = anneal_config(args.source, args.step, args.out, args.decay_steps, files, overrides)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    return train(cfg)
+
+
+def train(cfg) -> int:
+    """``bigtrain train`` (and ``anneal``) once the config is known: checks, then the run."""
     from bigtrain.checkpoint import select as select_checkpoint
     from bigtrain.data.splits import check_world, open_splits
     from bigtrain.parallel.backend import backend_class
@@ -71,7 +86,7 @@ def cmd_launch(args) -> int:
 def cmd_export(args) -> int:
     from bigtrain.export import export
     out = export(args.run_dir, args.out or os.path.join(args.run_dir, "export"), args.step, args.tokenizer,
-                 args.overwrite)
+                 args.overwrite, args.ema)
     print(f"exported to {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -160,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("anneal", help="a new run that decays the LR (wsd) from a stable checkpoint of another "
+                                      "run, with its weights, optimizer and data position")
+    p.add_argument("source", help="the stable run's directory, or one of its checkpoint directories")
+    p.add_argument("--step", type=int, help="its checkpoint of this step (default: the newest)")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--decay-steps", type=int, required=True, help="updates in the decay; the run ends at step + this")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the anneal's config (YAML) instead of training, e.g. for `bigtrain launch`")
+    p.add_argument("config", nargs="*", metavar="CONFIG.yaml|key=value",
+                   help="files and overrides over the source run's config, e.g. schedule.decay_shape=linear")
+    p.set_defaults(func=cmd_anneal)
+
     p = sub.add_parser("launch", help="print and run the torchrun or deepspeed command for a config; "
                                       "exit 3 when the run aborted (RUN_DIR/ABORTED)")
     add_config_args(p)
@@ -177,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: RUN_DIR/export")
     p.add_argument("--tokenizer", help="a prepared data dir whose tokenizer to ship (default: the run's data.path)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--ema", action="store_true", help="export the EMA of the weights (runs with ema.decay > 0)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="decode the samples a step trained on")

@@ -160,9 +160,58 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     scaling: Literal["linear", "sqrt", "none"] = Field("none", description="LR scaling from batch.reference_size to the actual batch: linear | sqrt | none")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to the peak LR")
-    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine | linear | constant, from warmup_steps to max_steps")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="cosine | linear | constant, from warmup_steps to max_steps; wsd: warmup-stable-"
+                              "decay, the peak LR until decay_start, then decay_shape down to min_lr")
     min_lr: float = Field(0.0, ge=0, description="LR at the end of decay, at batch.reference_size")
     max_steps: int = Field(100, ge=1, description="optimizer steps in the run")
+    decay_steps: Optional[int] = Field(None, ge=1, description="wsd: length of the decay phase in updates")
+    decay_fraction: Optional[float] = Field(None, gt=0, le=1, description="wsd: length of the decay phase as a "
+                                                                          "fraction of max_steps")
+    decay_start: Optional[int] = Field(None, ge=0, description="wsd: the update at which the decay starts; "
+                                                               "default max_steps minus its length "
+                                                               "(`bigtrain anneal` sets the resumed update count)")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="wsd: shape of the decay "
+                                                               "from the peak to min_lr: linear | cosine | "
+                                                               "1-sqrt (1 - sqrt(progress), Hägele et al. 2024)")
+
+    @model_validator(mode="after")
+    def _check_wsd(self) -> "ScheduleConfig":
+        if self.decay != "wsd":
+            return self
+        if (self.decay_steps is None) == (self.decay_fraction is None):
+            raise ValueError("decay=wsd needs exactly one of decay_steps and decay_fraction")
+        start, length = self.decay_start, self.decay_length()
+        if start is None and length > self.max_steps - self.warmup_steps:
+            raise ValueError(f"the wsd decay ({length} updates) does not fit after warmup_steps="
+                             f"{self.warmup_steps} in max_steps={self.max_steps}")
+        if start is not None and start < self.warmup_steps:
+            raise ValueError(f"decay_start={start} is inside the warmup (warmup_steps={self.warmup_steps})")
+        if start is not None and start + length > self.max_steps:
+            raise ValueError(f"decay_start={start} + the decay ({length} updates) ends after "
+                             f"max_steps={self.max_steps}")
+        return self
+
+    def decay_length(self) -> int:
+        """wsd: updates in the decay phase (a fraction counts against max_steps)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return max(1, round(self.decay_fraction * self.max_steps))
+
+    def stable_until(self) -> int:
+        """wsd: the update at which the decay starts."""
+        return self.max_steps - self.decay_length() if self.decay_start is None else self.decay_start
+
+
+class EMAConfig(Section):
+    """An exponential moving average of the weights, used for evaluation and ``export --ema``;
+    the update and its warm-up: bigtrain/ema.py."""
+    decay: float = Field(0.0, ge=0, lt=1, description="EMA decay per optimizer update (0.999-0.9999 is "
+                                                       "common); 0: off")
+    warmup: bool = Field(False, description="warm the decay up: min(decay, (1+n)/(10+n)) at update n, "
+                                            "so early weights fade fast")
+    every: int = Field(1, ge=1, description="update the EMA every N steps, with decay**N (the same time "
+                                            "constant in steps)")
 
 
 class ParallelConfig(Section):
@@ -273,6 +322,7 @@ class Config(Section):
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    ema: EMAConfig = EMAConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     stability: StabilityConfig = StabilityConfig()

@@ -12,6 +12,8 @@ word, so a pasted ``lr:`` below an old one would win unnoticed).
 """
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from bigtrain.errors import ConfigError
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-def split_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+def split_args(args: list[str] | tuple[str, ...], require_file: bool = True) -> tuple[list[str], list[str]]:
     """Command-line words -> (config files, overrides), each in the order given.
 
     A word with ``=`` is an override (overrides apply after every file, wherever they
@@ -36,7 +38,7 @@ def split_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]
             files.append(word)
         else:
             raise ConfigError(f"argument {word!r} is neither a config file (.yaml, .yml) nor key=value")
-    if not files:
+    if require_file and not files:
         raise ConfigError("no config file given: expected CONFIG.yaml [MORE.yaml ...] [key=value ...]")
     return files, overrides
 
@@ -141,9 +143,10 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_tree(paths: list | tuple = (), overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The files in order (each over its ``base:`` chain), then the overrides: one plain tree."""
-    tree: dict = {}
+def read_tree(paths: list | tuple = (), overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> dict:
+    """The files in order (each over its ``base:`` chain), then the overrides: one plain tree,
+    over ``base`` when given (e.g. another run's resolved config, for ``bigtrain anneal``)."""
+    tree: dict = copy.deepcopy(base or {})
     for p in paths:
         tree = _merge(tree, _read_layered(p))
     for text in overrides:

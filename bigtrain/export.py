@@ -57,9 +57,10 @@ def data_tokenizer(directory: Path):
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, ema: bool = False) -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files of ``run_dir``'s
-    checkpoint (the newest, or ``step``) into ``out``. Refuses to write into a non-empty ``out``."""
+    checkpoint (the newest, or ``step``) into ``out``; with ``ema``, its EMA of the weights.
+    Refuses to write into a non-empty ``out``."""
     from safetensors.torch import save_file
 
     from bigtrain.checkpoint import find, load_model
@@ -75,11 +76,12 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, tokeni
     tok = data_tokenizer(Path(tokenizer or meta["config"]["data"]["path"]))
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"export: the tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
-    model = load_model(path)
+    model = load_model(path, ema=ema)
     out.mkdir(parents=True, exist_ok=True)
     hf_config(cfg, tok.eot_id).save_pretrained(out)
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_hf(out)
-    source = {"checkpoint": str(path.resolve()), "step": meta["step"], "bigtrain_model": meta["config"]["model"]}
+    source = {"checkpoint": str(path.resolve()), "step": meta["step"], "bigtrain_model": meta["config"]["model"],
+              "ema": ema}
     (out / "bigtrain_export.json").write_text(json.dumps(source, indent=1) + "\n")
     return out

@@ -6,7 +6,15 @@ at a step is
     lr(step, B) = scale(B / reference) * base(step)
 
 where ``base`` is linear warmup from 0 to ``optim.lr`` over ``warmup_steps``,
-then cosine/linear/constant decay to ``schedule.min_lr`` at ``max_steps``, and
+then cosine/linear/constant decay to ``schedule.min_lr`` at ``max_steps``, or
+warmup-stable-decay (``wsd``): the peak until ``stable_until()`` (``decay_start``,
+default ``max_steps`` minus the decay length), then over ``decay_length()`` updates
+
+    base = min_lr + (peak - min_lr) * shape(progress),  progress = (step - start) / length
+
+with shape ``1 - p`` (linear), ``(1 + cos(pi p)) / 2`` (cosine) or ``1 - sqrt(p)``
+(1-sqrt, Hägele et al. 2024), and ``min_lr`` after it. Because the stable phase is
+constant, a checkpoint from it can be annealed with any decay (``bigtrain anneal``). And
 ``scale`` is ``k`` (linear rule, Goyal et al.), ``sqrt(k)`` (Adam's rule,
 Malladi et al.) or 1. Both the peak and the floor are scaled, so a ramped-up
 batch follows the same curve shape at its own size. Everything is a pure
@@ -71,19 +79,28 @@ def batch_scale(batch_size: int, cfg: Config) -> float:
 
 
 def base_lr(step: int, cfg: Config) -> float:
-    """LR at ``step`` (0-based) before batch scaling."""
+    """LR at ``step`` (0-based: the updates applied so far) before batch scaling."""
     s, peak = cfg.schedule, cfg.optim.lr
     if step < s.warmup_steps:
         return peak * (step + 1) / s.warmup_steps
     if s.decay == "constant":
         return peak
-    span = max(1, s.max_steps - s.warmup_steps)
-    progress = min(1.0, (step - s.warmup_steps) / span)
-    if s.decay == "linear":
-        shape = 1.0 - progress
+    if s.decay == "wsd":
+        start, span, kind = s.stable_until(), s.decay_length(), s.decay_shape
     else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return s.min_lr + (peak - s.min_lr) * shape
+        start, span, kind = s.warmup_steps, max(1, s.max_steps - s.warmup_steps), s.decay
+    if step < start:
+        return peak
+    return s.min_lr + (peak - s.min_lr) * decay_shape(kind, min(1.0, (step - start) / span))
+
+
+def decay_shape(kind: str, progress: float) -> float:
+    """The fraction of (peak - min_lr) left at ``progress`` in [0, 1] of the decay."""
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step: int, batch_size: int, cfg: Config) -> float:

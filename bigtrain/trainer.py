@@ -24,6 +24,7 @@ from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.data.splits import check_world, open_splits
+from bigtrain.ema import attach_ema
 from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.hf_import import load_weights, open_weights
@@ -94,6 +95,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
         torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
         self.backend = build_backend(self.model, cfg, env)
+        self.ema = attach_ema(self.backend, cfg.ema, env.device)  # None unless ema.decay > 0
 
         self.state = TrainState()
         self.order = run_order(cfg, self.data, self.train_split)
@@ -174,6 +176,8 @@ class Trainer:
                     self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             result = self.train_step(batch)
+            if self.ema is not None:
+                self.ema.update(state.step + 1, result["applied"])  # a skipped step leaves it as it was
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
             state.advance(batch, result["applied"], cfg.model.seq_len)
             window["tokens"] += batch.size * cfg.model.seq_len
@@ -254,10 +258,23 @@ class Trainer:
         self.metrics.scalars(self.state.step, record)
         window.update(t0=time.perf_counter(), tokens=0, clipped=0, steps=0)
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Val loss (token-weighted over ranks) on the first ``eval.batches`` global
-        batches of the val split, in order: the same samples at every eval."""
+        batches of the val split, in order: the same samples at every eval. With an
+        EMA, ``val_loss_ema`` too: the same batches under the averaged weights."""
+        val_loss = self.val_loss()
+        if val_loss is None:
+            return None
+        record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if self.ema is not None:
+            self.checkpointer.wait()  # an async save may still be copying the tensors the swap writes
+            with self.ema.swapped_in(self.backend):
+                record["val_loss_ema"] = self.val_loss()
+        self.metrics.scalars(self.state.step, record, prefix="eval")
+        return val_loss
+
+    @torch.no_grad()
+    def val_loss(self) -> float | None:
         cfg = self.cfg
         if self.val_split is None or cfg.eval.batches == 0:
             return None
@@ -273,10 +290,7 @@ class Trainer:
             rows = torch.from_numpy(self.val_split.batch(mine[i:i + micro], seq)).to(self.env.device)
             total += self.backend.eval_loss_sum(rows[:, :-1], rows[:, 1:])
         self.backend.train(True)
-        val_loss = float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
-        self.metrics.scalars(self.state.step, {"val_loss": val_loss,
-                                               "val_ppl": math.exp(min(val_loss, 50))}, prefix="eval")
-        return val_loss
+        return float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
 
     def close(self) -> None:
         self.profiler.close()  # a run that stopped inside profile.steps still writes its trace

@@ -105,3 +105,9 @@ def async_save(state: dict, path: Path, distributed: bool, group, stager: Defaul
 def load(state: dict, path: Path, distributed: bool) -> None:
     """Fill ``state`` in place from directory ``path``, resharding as needed; a collective."""
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=not distributed)
+
+
+def holds(path: Path, entry: str) -> bool:
+    """Whether the DCP checkpoint in ``path`` has an ``entry`` (a top-level key of the saved state)."""
+    keys = SafeReader(str(path)).read_metadata().state_dict_metadata
+    return any(key == entry or key.startswith(entry + ".") for key in keys)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from bigtrain.checkpoint.format import META, committed, problem, read_meta, weights_only_loads
 from bigtrain.config import Config, ConfigError, ModelConfig
 
@@ -69,9 +71,10 @@ def find(run_dir: str | Path, step: int | None = None) -> Path:
     return found[step]
 
 
-def load_model(run_dir: str | Path, step: int | None = None):
+def load_model(run_dir: str | Path, step: int | None = None, ema: bool = False):
     """bigtrain's own model with the consolidated weights of a checkpoint (fp32, CPU, eval mode),
-    whatever backend and world size wrote it. ``run_dir`` may also be a checkpoint directory."""
+    whatever backend and world size wrote it; with ``ema``, the EMA of the weights instead
+    (``ema.decay`` > 0 in the run). ``run_dir`` may also be a checkpoint directory."""
     from bigtrain.model.gpt import GPT
     path = find(run_dir, step)
     why = problem(path)
@@ -79,14 +82,27 @@ def load_model(run_dir: str | Path, step: int | None = None):
         raise ConfigError(why)
     meta = read_meta(path)
     model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
+    no_ema = f"checkpoint {str(path)!r} holds no EMA of the weights (its run had ema.decay=0)"
+    if meta["checkpoint_format"] == "deepspeed" and ema:  # each rank's EMA of its ZeRO partitions, gathered
+        from bigtrain.ema import consolidate
+        with weights_only_loads():
+            state = consolidate(path, {n: p.shape for n, p in model.named_parameters()})
+        if state is None:
+            raise ConfigError(no_ema)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(state[n])
+        return model.eval()
     if meta["checkpoint_format"] == "deepspeed":  # ZeRO partitions of the fp32 master weights, gathered
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with weights_only_loads():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        from bigtrain.checkpoint import dcp_io
-        state = {"model": model.state_dict()}
-        dcp_io.load(state, path, distributed=False)
-        state = state["model"]
-    model.load_state_dict(state)
+            model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
+        return model.eval()
+    from bigtrain.checkpoint import dcp_io
+    if ema and not dcp_io.holds(path, "ema"):
+        raise ConfigError(no_ema)
+    # in place, into tensors that share the parameters' storage (a tied head follows its embedding)
+    state = {"ema": {"weights": {n: p.detach() for n, p in model.named_parameters()}}} if ema \
+        else {"model": model.state_dict()}
+    dcp_io.load(state, path, distributed=False)
     return model.eval()

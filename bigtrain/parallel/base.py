@@ -56,6 +56,7 @@ class Backend:
     has_local_grads = True        # per-parameter ``.grad`` is readable (faults.nan_at, detail metrics)
     async_checkpoint = True       # supports :meth:`async_save_sharded`
     checkpoint_format = "dcp"     # "dcp" | "deepspeed"
+    ema = None                    # the run's EMA of the weights (bigtrain.ema.attach_ema), in its checkpoints
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -170,13 +171,31 @@ class Backend:
         return {n: p.detach().float().cpu().clone() for n, p in self.raw_model.named_parameters()}
 
     # -- checkpoints (torch.distributed.checkpoint; DeepSpeed overrides these) -----------
+    def ema_targets(self) -> dict[str, torch.Tensor]:
+        """What an EMA of the weights averages on this rank, by parameter name: the parameters
+        themselves (under FSDP2 DTensors, each rank's shards)."""
+        return dict(self.raw_model.named_parameters())
+
+    def ema_refresh(self) -> None:
+        """After the EMA was swapped into (or out of) :meth:`ema_targets`: make the next forward
+        compute with them. FSDP2 frees what it keeps gathered (the root, the last block), so
+        the next forward gathers the shards as they are now."""
+        from torch.distributed.fsdp import FSDPModule
+        for module in self.raw_model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def sharded_state(self) -> dict:
         """Model and optimizer as DCP sees them: keyed by parameter name (the optimizer's
         state too, not by position), each rank holding its own shards. So one checkpoint
-        loads at any world size, and under either DCP backend (none, fsdp)."""
+        loads at any world size, and under either DCP backend (none, fsdp). With an EMA,
+        its ``ema`` entry too (sharded like the parameters)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model, optim = get_state_dict(self.model, self.optimizer)
-        return {"model": model, "optim": optim}
+        state = {"model": model, "optim": optim}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def save_sharded(self, path: Path) -> None:
         """Write this rank's shards into directory ``path``; every rank calls it."""
@@ -187,8 +206,14 @@ class Backend:
         return dcp_io.async_save(self.sharded_state(), Path(path), self.env.distributed, group, stager)
 
     def load_sharded(self, path: Path) -> None:
-        """Restore model and optimizer from directory ``path``, resharded to this world."""
+        """Restore model and optimizer from directory ``path``, resharded to this world. An EMA
+        missing from the checkpoint (written with ``ema.decay: 0``) starts at the loaded weights."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
         state = self.sharded_state()
-        dcp_io.load(state, Path(path), self.env.distributed)
+        fresh_ema = "ema" in state and not dcp_io.holds(path, "ema")
+        if fresh_ema:
+            del state["ema"]
+        dcp_io.load(state, Path(path), self.env.distributed)  # the EMA's tensors in place
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if fresh_ema:
+            self.ema.reset()

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config, ConfigError
+from bigtrain.ema import load_partitions, save_partitions
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import param_groups, set_lr
 from bigtrain.parallel.base import Backend, prepare_blocks
@@ -160,10 +161,56 @@ class DeepSpeedBackend(Backend):
         return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone()
                 for n, p in self.raw_model.named_parameters()}
 
+    # -- the EMA of the weights: of this rank's fp32 master partitions, never a whole copy ------
+    def _masters(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions: ZeRO-1/2 its share of each parameter group
+        (``BF16_Optimizer``, ZeRO-1 under bf16, the same), ZeRO-3 its partitions of each sub-group."""
+        opt = self.engine.optimizer
+        for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
+            if hasattr(opt, attr):
+                return list(getattr(opt, attr))
+        raise RuntimeError(f"no fp32 master partitions found in {type(opt).__name__}")
+
+    def ema_targets(self) -> dict[str, torch.Tensor]:
+        return {f"partition{i}": t for i, t in enumerate(self._masters())}
+
+    def _fragments(self) -> dict[str, tuple[int, int, int, int]]:
+        """Parameter name -> (partition, start in it, numel, start in the flattened parameter) of
+        what this rank's master partitions hold (see :func:`bigtrain.ema.consolidate`)."""
+        opt, out = self.engine.optimizer, {}
+        for name, p in self.raw_model.named_parameters():
+            if self.stage == 3:  # rank r holds elements [r * size, (r + 1) * size), the last one padded
+                part, start, numel = opt.grad_position[opt.get_param_id(p)]
+                offset = self.env.rank * p.ds_tensor.ds_numel
+                numel = min(numel, p.ds_numel - offset)
+            elif (mapping := getattr(p, "_hp_mapping", None)) is not None:
+                part, offset = mapping.param_group_index, mapping.lp_fragment_address.start
+                start, numel = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            else:
+                continue  # none of this parameter lies in this rank's partition
+            if numel > 0:
+                out[name] = (int(part), int(start), int(numel), int(offset))
+        return out
+
+    def ema_refresh(self) -> None:
+        """Copy the fp32 masters into the weights the forward uses, as DeepSpeed's step does."""
+        opt = self.engine.optimizer
+        if self.stage == 3:
+            for group in range(len(opt.fp16_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(group)
+            # free every gathered copy (an eval forward leaves some, and the small persistent
+            # ones stay gathered): the next forward gathers the partitions as they are now
+            self.engine.empty_partition_cache()
+        else:
+            opt.update_lp_params()
+
     def save_sharded(self, path: Path) -> None:
-        """Model and optimizer shards into directory ``path`` (DeepSpeed's format); every rank calls it."""
+        """Model and optimizer shards into directory ``path`` (DeepSpeed's format), and this rank's
+        EMA (``ema-<rank>.pt``, :mod:`bigtrain.ema`); every rank calls it."""
         path = Path(path)
         self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if self.ema is not None:
+            save_partitions(path, self.env.rank, self.ema, self._fragments())
 
     def load_sharded(self, path: Path) -> None:
         """Load model and optimizer shards written by :meth:`save_sharded` at the same world size."""
@@ -174,3 +221,5 @@ class DeepSpeedBackend(Backend):
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise ConfigError(f"checkpoint {str(path)!r}: DeepSpeed could not load it")
+        if self.ema is not None and not load_partitions(path, self.env.rank, self.ema):
+            self.ema.reset()  # written with ema.decay=0: the average starts at the loaded weights
