@@ -68,6 +68,11 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="embedding, attention and residual dropout")
     z_loss: float = Field(0.0, ge=0, description="weight of the z-loss (log Z)^2 on the logits; 1e-4 is common")
     init_std: float = Field(0.02, gt=0, description="std of N(0, std) init; residual projections get std/sqrt(2*n_layer)")
+    # Document masking (bigtrain/model/doc_mask.py).
+    doc_mask: bool = Field(False, description="attention stays inside each document of a packed window and "
+                                              "positions restart after every eot_id token")
+    eot_id: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="the token that ends a document (doc_mask); auto: from the prepared data manifest")
 
     @model_validator(mode="before")
     @classmethod
@@ -301,8 +306,10 @@ def build_config(tree: dict) -> Config:
 
 
 def resolve_vocab(cfg: Config) -> Config:
-    """Fill ``model.vocab_size: auto`` from the prepared data's manifest, when present."""
-    if cfg.model.vocab_size != "auto":
+    """Fill ``model.vocab_size: auto`` (and ``model.eot_id: auto`` when ``doc_mask`` uses it) from the
+    prepared data's manifest, when present."""
+    eot_auto = cfg.model.doc_mask and cfg.model.eot_id == "auto"
+    if cfg.model.vocab_size != "auto" and not eot_auto:
         return cfg
     manifest = Path(cfg.data.path) / "manifest.json"
     if not manifest.is_file():
@@ -315,7 +322,14 @@ def resolve_vocab(cfg: Config) -> Config:
     if type(vocab) is not int or vocab < 2:
         raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json has no vocab_size that is an integer "
                           f">= 2 (found {vocab!r})")
-    cfg.model.vocab_size = vocab
+    if cfg.model.vocab_size == "auto":
+        cfg.model.vocab_size = vocab
+    if eot_auto:
+        eot = tree.get("eot_id")
+        if type(eot) is not int or not 0 <= eot < vocab:
+            raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json has no eot_id inside the vocabulary "
+                              f"(found {eot!r})")
+        cfg.model.eot_id = eot
     return cfg
 
 
