@@ -49,6 +49,7 @@ except ImportError:
     varlen_attn = None
 
 log = logging.getLogger(__name__)
+VARLEN_DEVICES = ("cuda",)  # where varlen_attn has a kernel (FlashAttention; half precision only)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def find_documents(idx: torch.Tensor, eot_id: int) -> Documents:
     t = torch.arange(T, device=idx.device).expand(B, T)
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # distance to the latest start
     cu_seqlens, max_len = None, 0
-    if idx.is_cuda and varlen_attn is not None:
+    if idx.device.type in VARLEN_DEVICES and varlen_attn is not None:
         first = starts.flatten().nonzero().squeeze(1)
         cu_seqlens = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
         max_len = int(cu_seqlens.diff().max())  # an int for the kernel: one device sync per forward
