@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                docs: Documents | None = None) -> torch.Tensor:
+                docs: Documents | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)  # each [B, T, H, hd]
         if self.q_norm is not None:
@@ -134,7 +134,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                docs: Documents | None = None) -> torch.Tensor:
+                docs: Documents | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, docs)
         return x + self.mlp(self.norm2(x))
 
@@ -209,10 +209,9 @@ class GPT(nn.Module):
             x = x + self.pos_emb(positions)
         x = self.drop(x)
         rope = None
-        if self.rope_cos is not None:  # the table's rows at those positions: [T, hd] or [B, 1, T, hd]
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if docs is not None:
-                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        if self.rope_cos is not None:  # the tables' rows at those positions: [T, hd], or [B, 1, T, hd] per row
+            at = positions if docs is None else positions.unsqueeze(1)
+            rope = (self.rope_cos[at], self.rope_sin[at])
         for block in self.blocks:
             x = block(x, rope, docs)
         return self.lm_head(self.norm_f(x))
