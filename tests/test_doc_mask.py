@@ -3,6 +3,7 @@ bigtrain and in the exported Hugging Face model; a run with it trains and export
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -106,9 +107,22 @@ def test_varlen_layout_matches_the_mask(monkeypatch):
     dense = attend(q.float(), k.float(), v.float(), find_documents(idx, EOT), 0.0)
     monkeypatch.setattr(doc_mask, "VARLEN_DEVICES", ("cpu",))
     monkeypatch.setattr(doc_mask, "varlen_attn", reference)
-    docs = find_documents(idx, EOT)
-    assert docs.cu_seqlens.tolist() == [0, 7, 8, 20, 32, 33, 45, 46, 64, 96]
+    docs = find_documents(idx, EOT, torch.bfloat16)
+    assert docs.mask is None and docs.cu_seqlens.tolist() == [0, 7, 8, 20, 32, 33, 45, 46, 64, 96]
     torch.testing.assert_close(attend(q, k, v, docs, 0.0), dense, atol=1e-5, rtol=0)
+
+
+def test_a_dense_mask_where_varlen_would_run_is_said_once(monkeypatch, caplog):
+    """On CUDA, fp32 (or attention dropout) cannot use FlashAttention varlen: the O(T^2) mask
+    that runs instead is named once per process, with the reason."""
+    monkeypatch.setattr(doc_mask, "VARLEN_DEVICES", ("cpu",))
+    with caplog.at_level(logging.WARNING, logger="bigtrain.model.doc_mask"):
+        for _ in range(3):
+            assert find_documents(windows(), EOT, torch.float32).mask is not None
+            assert find_documents(windows(), EOT, torch.bfloat16, dropout_p=0.1).mask is not None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("dense [B, 1, T, T] attention mask" in line for line in lines), lines
+    assert "torch.float32" in lines[0] and "dropout" in lines[1]
 
 
 def test_needs_an_eot_id():

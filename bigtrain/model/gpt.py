@@ -201,10 +201,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
-        # doc_mask: each token's position inside its document [B, T]; else one arange for every row
-        docs = find_documents(idx, self.cfg.eot_id) if self.cfg.doc_mask else None
-        positions = docs.positions if docs is not None else torch.arange(T, device=idx.device)
         x = self.tok_emb(idx)
+        docs = None
+        if self.cfg.doc_mask:  # the documents in each row; x's dtype helps choose the attention kernel
+            docs = find_documents(idx, self.cfg.eot_id, x.dtype, self.cfg.dropout if self.training else 0.0)
+        # each token's position inside its document [B, T]; without doc_mask one arange for every row
+        positions = docs.positions if docs is not None else torch.arange(T, device=idx.device)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.drop(x)
