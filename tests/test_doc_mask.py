@@ -53,12 +53,19 @@ def documents(row: list[int], eot: int = EOT) -> list[tuple[int, int]]:
 
 @STYLES
 def test_packed_window_equals_each_document_alone(options):
-    m, idx = model(options, doc_mask=True), windows()
-    with torch.no_grad():
-        packed = m(idx)
-        for r, row in enumerate(idx.tolist()):
-            for a, b in documents(row):
-                torch.testing.assert_close(packed[r, a:b], m(idx[r:r + 1, a:b])[0], atol=1e-5, rtol=0)
+    """Logits, and the gradients of any function of them: a packed window with doc_mask is each
+    document through the plain causal model (doc_mask off), separately."""
+    on, off, idx = model(options, doc_mask=True), model(options), windows()
+    weights = torch.randn(*idx.shape, 97, generator=torch.Generator().manual_seed(2))
+    packed = on(idx)
+    (packed * weights).sum().backward()
+    for r, row in enumerate(idx.tolist()):
+        for a, b in documents(row):
+            alone = off(idx[r:r + 1, a:b])[0]
+            torch.testing.assert_close(packed[r, a:b], alone, atol=1e-5, rtol=0)
+            (alone * weights[r, a:b]).sum().backward()
+    for (name, p), q in zip(on.named_parameters(), off.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-5, msg=name)
 
 
 @STYLES
