@@ -71,6 +71,11 @@ class ModelConfig(Section):
     init_from: Optional[str] = Field(None, description="a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM "
                                                      "directory (config.json + safetensors) to start from; its config "
                                                      "decides the architecture keys")
+    # Document masking (bigtrain/model/doc_mask.py).
+    doc_mask: bool = Field(False, description="attention stays inside each document of a packed window and "
+                                              "positions restart after every eot_id token")
+    eot_id: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="the token that ends a document (doc_mask); auto: from the prepared data manifest")
 
     @model_validator(mode="before")
     @classmethod
@@ -388,8 +393,10 @@ def build_config(tree: dict) -> Config:
 
 
 def resolve_vocab(cfg: Config) -> Config:
-    """Fill ``model.vocab_size: auto`` from the prepared data's manifest, when present."""
-    if cfg.model.vocab_size != "auto":
+    """Fill ``model.vocab_size: auto`` (and ``model.eot_id: auto`` when ``doc_mask`` uses it) from the
+    prepared data's manifest, when present."""
+    eot_auto = cfg.model.doc_mask and cfg.model.eot_id == "auto"
+    if cfg.model.vocab_size != "auto" and not eot_auto:
         return cfg
     manifest = Path(cfg.data.path) / "manifest.json"
     if not manifest.is_file():
@@ -402,7 +409,14 @@ def resolve_vocab(cfg: Config) -> Config:
     if type(vocab) is not int or vocab < 2:
         raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json has no vocab_size that is an integer "
                           f">= 2 (found {vocab!r})")
-    cfg.model.vocab_size = vocab
+    if cfg.model.vocab_size == "auto":
+        cfg.model.vocab_size = vocab
+    if eot_auto:
+        eot = tree.get("eot_id")
+        if type(eot) is not int or not 0 <= eot < vocab:
+            raise ConfigError(f"data.path {cfg.data.path!r}: manifest.json has no eot_id inside the vocabulary "
+                              f"(found {eot!r})")
+        cfg.model.eot_id = eot
     return cfg
 
 

@@ -81,6 +81,9 @@ class Trainer:
         if cfg.model.vocab_size != self.data.vocab_size:
             raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
                               f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
+        if cfg.model.doc_mask and cfg.model.eot_id != self.data.eot_id:
+            raise ConfigError(f"config error: model.eot_id={cfg.model.eot_id} but the data ends documents with "
+                              f"token {self.data.eot_id}; use eot_id: auto")
         self.run_dir = Path(cfg.run_dir)
         self.run = open_run_dir(self.run_dir, env)  # one writer: RUN_DIR/LOCK, before anything is written
 

@@ -5,7 +5,10 @@
     logits = lm_head(norm_f(x))
 
 Options (see ``ModelConfig``): LayerNorm or RMSNorm, GELU or SwiGLU MLP, learned
-or rotary positions, biases on or off, QK-norm, dropout, tied embeddings. Two
+or rotary positions, biases on or off, QK-norm, dropout, tied embeddings, and
+document masking (``doc_mask``: attention stays inside each document of a packed
+window and positions restart after every end-of-document token, so each document
+computes what it would alone; see :mod:`bigtrain.model.doc_mask`). Two
 combinations are bit-for-bit the Hugging Face architectures we export to:
 ``layernorm + gelu + learned + bias`` is ``GPT2LMHeadModel`` (hence the tanh
 GELU, GPT-2's "gelu_new") and ``rmsnorm + swiglu + rope + no bias`` is
@@ -25,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bigtrain.config import ModelConfig
+from bigtrain.model.doc_mask import Documents, attend, find_documents
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -55,12 +59,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, hd] by position; cos/sin [T, hd] broadcast over B and H."""
+    """Rotate ``x`` [B, H, T, hd] by position; cos/sin [T, hd] (or per row, [B, 1, T, hd]) broadcast."""
     return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention through ``F.scaled_dot_product_attention``.
+    """Causal multi-head self-attention through ``F.scaled_dot_product_attention``
+    (or, given ``docs``, within each document: :func:`bigtrain.model.doc_mask.attend`).
 
     One fused ``qkv`` projection (its rows are q, k, v in that order, each split
     into heads contiguously) so it maps directly onto GPT-2's ``c_attn`` and onto
@@ -77,17 +82,21 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                docs: Documents | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)  # each [B, T, H, hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         if rope is not None:
-            cos, sin = (t[:T].to(q.dtype) for t in rope)
+            cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if docs is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            y = attend(q, k, v, docs, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -124,8 +133,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                docs: Documents | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, docs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -136,6 +146,9 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(cfg.vocab_size, int):
             raise ValueError("model.vocab_size is 'auto': resolve it from the prepared data's manifest "
+                             "(or set an integer) before building the model")
+        if cfg.doc_mask and not isinstance(cfg.eot_id, int):
+            raise ValueError("model.doc_mask needs model.eot_id: resolve it from the prepared data's manifest "
                              "(or set an integer) before building the model")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -189,12 +202,20 @@ class GPT(nn.Module):
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
         x = self.tok_emb(idx)
+        docs = None
+        if self.cfg.doc_mask:  # the documents in each row; x's dtype helps choose the attention kernel
+            docs = find_documents(idx, self.cfg.eot_id, x.dtype, self.cfg.dropout if self.training else 0.0)
+        # each token's position inside its document [B, T]; without doc_mask one arange for every row
+        positions = docs.positions if docs is not None else torch.arange(T, device=idx.device)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(positions)
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        rope = None
+        if self.rope_cos is not None:  # the tables' rows at those positions: [T, hd], or [B, 1, T, hd] per row
+            at = positions if docs is None else positions.unsqueeze(1)
+            rope = (self.rope_cos[at], self.rope_sin[at])
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, docs)
         return self.lm_head(self.norm_f(x))
 
     def num_params(self, non_embedding: bool = False) -> int:
