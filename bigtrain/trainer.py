@@ -34,6 +34,7 @@ from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv, seed_everything
 from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
+from bigtrain.source_metrics import SourceLoss, eval_sets
 from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
@@ -88,7 +89,7 @@ class Trainer:
         self.backend = build_backend(self.model, cfg, env)
 
         self.state = TrainState()
-        self.order = run_order(cfg, self.data, self.train_split)
+        self.order = run_order(cfg, self.data, self.train_split, lambda: self.state.position)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
         self.peak = peak_flops(env.device, cfg.parallel.precision) * env.world
@@ -96,6 +97,9 @@ class Trainer:
                                      cfg.logging.progress, cfg.schedule.max_steps, self.state.step)
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
+        self.order.on_change = self.mixture_changed
+        self.source_loss = SourceLoss(getattr(self.train_split, "names", []), self.order, self.backend,
+                                      cfg.model.seq_len)  # mixtures: loss/<name>
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
             self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
@@ -155,7 +159,8 @@ class Trainer:
             batch = self.faults.corrupt_batch(
                 self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
-            result = self.train_step(batch)
+            with self.source_loss.reading(batch):
+                result = self.train_step(batch)
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
             state.advance(batch, result["applied"], cfg.model.seq_len)
             window["tokens"] += batch.size * cfg.model.seq_len
@@ -199,6 +204,13 @@ class Trainer:
         self.aborted.write(step, reason)
         raise error
 
+    def mixture_changed(self, segment: dict) -> None:
+        """A resumed (or rolled-back-to) checkpoint had other mixture weights: the new ones start at
+        its position. The ``mixture`` event holds the whole history, for ``bigtrain inspect``."""
+        self.ledger.record("mixture", self.state.step, names=self.train_split.names, **segment)
+        self.metrics.text(f"data: mixture weights {dict(zip(self.train_split.names, segment['weights']))} "
+                          f"from stream position {segment['start']} (step {self.state.step})")
+
     def protect_rollback_target(self) -> None:
         """While an episode is open, retention keeps the checkpoint a rollback would go back to."""
         first = self.guard.open_since
@@ -224,7 +236,8 @@ class Trainer:
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters()}
+                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters(),
+                  **self.source_loss.collect()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.state.step, record)
@@ -232,27 +245,42 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Val loss (token-weighted over ranks) on the first ``eval.batches`` global
-        batches of the val split, in order: the same samples at every eval."""
-        cfg = self.cfg
-        if self.val_split is None or cfg.eval.batches == 0:
+        """Val loss (token-weighted over ranks) on the first ``eval.batches`` global batches of
+        the val split, in order: the same samples at every eval. A mixture evaluates each
+        source's val split and weighs them by the mixture weights (:mod:`bigtrain.source_metrics`)."""
+        if self.val_split is None or self.cfg.eval.batches == 0:
             return None
+        weights = {s.name: s.weight for s in self.cfg.data.sources or []}
+        record, total, weight = {}, 0.0, 0.0
+        self.backend.train(False)
+        for name, w, split in eval_sets(self.val_split, weights):
+            loss = self.val_loss(split)
+            if loss is not None and name is not None:
+                record[f"val_loss/{name}"] = loss
+            if loss is not None and w > 0:
+                total, weight = total + w * loss, weight + w
+        self.backend.train(True)
+        if not weight:
+            return None
+        val_loss = total / weight
+        self.metrics.scalars(self.state.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                               **record}, prefix="eval")
+        return val_loss
+
+    def val_loss(self, split) -> float | None:
+        """Mean loss on the first ``eval.batches`` global batches of ``split``; None when empty."""
+        cfg = self.cfg
         seq, world, micro = cfg.model.seq_len, self.env.world, cfg.batch.micro_size
-        n = min(self.val_split.num_samples(seq), cfg.eval.batches * cfg.batch.global_size)
+        n = min(split.num_samples(seq), cfg.eval.batches * cfg.batch.global_size)
         n -= n % world
         if n == 0:
             return None
-        self.backend.train(False)
         mine = torch.arange(n)[self.env.rank::world].numpy()
         total = torch.zeros((), device=self.env.device)
         for i in range(0, len(mine), micro):
-            rows = torch.from_numpy(self.val_split.batch(mine[i:i + micro], seq)).to(self.env.device)
+            rows = torch.from_numpy(split.batch(mine[i:i + micro], seq)).to(self.env.device)
             total += self.backend.eval_loss_sum(rows[:, :-1], rows[:, 1:])
-        self.backend.train(True)
-        val_loss = float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
-        self.metrics.scalars(self.state.step, {"val_loss": val_loss,
-                                               "val_ppl": math.exp(min(val_loss, 50))}, prefix="eval")
-        return val_loss
+        return float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
 
     def close(self) -> None:
         self.stop.close()
