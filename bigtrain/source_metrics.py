@@ -32,7 +32,7 @@ class SourceLoss:
         env = backend.env
         self.sums = torch.zeros(len(names), dtype=torch.float32, device=env.device)
         self.tokens = np.zeros(len(names), dtype=np.int64)
-        self._ids: torch.Tensor | None = None
+        self._onehot: torch.Tensor | None = None  # [rows, sources] of this rank's rows in this step
         self._cursor = 0
 
     @contextlib.contextmanager
@@ -45,17 +45,20 @@ class SourceLoss:
         sources = self.order.source_of(batch.samples)
         self.tokens += np.bincount(sources, minlength=len(self.names)) * self.seq_len
         mine = SampleOrder.rank_columns(sources, env.rank, env.world)  # this rank's rows, in order
-        self._ids, self._cursor = torch.from_numpy(mine).to(env.device, non_blocking=True), 0
+        onehot = np.eye(len(self.names), dtype=np.float32)[mine]
+        self._onehot, self._cursor = torch.from_numpy(onehot).to(env.device), 0
         self.backend.row_sink = self._add
         try:
             yield
         finally:
-            self.backend.row_sink, self._ids = None, None
+            self.backend.row_sink, self._onehot = None, None
 
     def _add(self, row_ce: torch.Tensor) -> None:
-        """One micro-batch's per-row CE sums (its rows follow the previous micro-batch's)."""
-        ids = self._ids[self._cursor:self._cursor + row_ce.shape[0]]
-        self.sums.index_add_(0, ids, row_ce.detach().float())
+        """One micro-batch's per-row CE sums (its rows follow the previous micro-batch's). A product
+        with the rows' one-hot sources, not ``index_add_``: that one adds with atomics on CUDA, in
+        no fixed order, and the per-source losses would not repeat bitwise."""
+        rows = self._onehot[self._cursor:self._cursor + row_ce.shape[0]]
+        self.sums += rows.T @ row_ce.detach().float()
         self._cursor += row_ce.shape[0]
 
     def collect(self) -> dict:

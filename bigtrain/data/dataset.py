@@ -104,20 +104,17 @@ class MixedSplit:
     def num_samples(self, seq_len: int) -> int:
         return sum(self.sizes(seq_len))
 
-    def source_of(self, indices: Sequence[int], seq_len: int) -> np.ndarray:
-        return np.searchsorted(self.offsets(seq_len), np.asarray(indices, dtype=np.int64), side="right") - 1
-
     def sample(self, i: int, seq_len: int) -> np.ndarray:
-        offsets = self.offsets(seq_len)
-        if not 0 <= i < offsets[-1]:
-            raise IndexError(f"sample {i} outside [0, {offsets[-1]}) at seq_len={seq_len}")
-        s = int(np.searchsorted(offsets, i, side="right")) - 1
-        return self.splits[s].sample(int(i - offsets[s]), seq_len)
+        return self.batch([i], seq_len)[0]
 
     def batch(self, indices: Sequence[int], seq_len: int) -> np.ndarray:
-        out = np.empty((len(indices), seq_len + 1), dtype=np.int64)
-        for row, i in enumerate(indices):
-            out[row] = self.sample(int(i), seq_len)
+        offsets, idx = self.offsets(seq_len), np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= offsets[-1]):
+            raise IndexError(f"a sample outside [0, {offsets[-1]}) at seq_len={seq_len}")
+        source = np.searchsorted(offsets, idx, side="right") - 1
+        out = np.empty((len(idx), seq_len + 1), dtype=np.int64)
+        for row, (s, i) in enumerate(zip(source.tolist(), idx.tolist())):
+            out[row] = self.splits[s].sample(i - int(offsets[s]), seq_len)
         return out
 
 
