@@ -124,7 +124,7 @@ def test_other_weights_start_a_segment_at_the_resumed_position():
 
 @pytest.mark.parametrize("change, needle", [
     (dict(seed=6), "seed 5, this run has seed 6"),
-    (dict(sha=("a", "c")), "train shards sha256 b... for data.sources[1] ('s1'), this run has c..."),
+    (dict(sha=("a", "c")), "train shards sha256 b... for data.sources[1] ('s1'), this run has train shards sha256 c..."),
     (dict(sizes=(300,), weights=(1,), sha=("a",)), "2 data sources, this run has 1"),
 ])
 def test_a_change_of_the_data_or_the_seed_is_refused(change, needle):

@@ -166,7 +166,8 @@ class SampleOrder:
             where = "" if flat else f" for data.sources[{i}] ({a.get('name')!r})"
             for key, label in SOURCE_FINGERPRINT:
                 if a.get(key) != b.get(key):
-                    return f"{label} {_shown(key, a.get(key))}{where}, this run has {_shown(key, b.get(key))}"
+                    return (f"{label} {_shown(key, a.get(key))}{where}, "
+                            f"this run has {label} {_shown(key, b.get(key))}")
         return None
 
     def load_state_dict(self, state: dict) -> None:
