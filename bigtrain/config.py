@@ -108,7 +108,7 @@ class SourceConfig(Section):
     weight: float = Field(1.0, ge=0, description="its share of the samples, relative to the other sources' "
                                                  "weights; 0 reads none (a source kept for the run's history)")
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
-                                description="label in metrics (loss/<name>, eval/val_loss/<name>) and inspect; "
+                                description="label in metrics (loss/NAME, eval/val_loss/NAME) and inspect; "
                                             "default: the directory's name")
 
     @model_validator(mode="after")
@@ -126,7 +126,7 @@ class DataConfig(Section):
                                                   description="a weighted mixture instead of one path: "
                                                               "[{path, weight, name}, ...]; the sources must share "
                                                               "the tokenizer; sources may be added at the end and "
-                                                              "weights changed when resuming (docs: mixtures)")
+                                                              "weights changed when resuming (README: Data mixtures)")
     val_path: Optional[str] = Field(None, description="another prepared dir to evaluate on")
     val_fraction: float = Field(0.005, ge=0, lt=1,
                                 description="when the data has no val split (e.g. one document), hold out "

@@ -180,10 +180,12 @@ def test_two_sources_keep_their_weights_in_every_window_of_50_steps(sources, tmp
 
 def test_per_source_loss_is_each_sources_token_mean_cross_entropy(sources, tmp_path):
     """Closed form: step 1's loss/<name> is the mean CE, under the initial model, of the step's
-    samples from that source; the step's loss is the token-weighted mean of both."""
+    samples from that source; the step's loss is the token-weighted mean of both. TensorBoard
+    has them too, and the eval's per-source losses."""
     from bigtrain.model.gpt import GPT
     from bigtrain.parallel.env import seed_everything
-    cfg = mix_config(sources, tmp_path, schedule__max_steps=1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = mix_config(sources, tmp_path, schedule__max_steps=1, logging__tensorboard=True)
     seed_everything(cfg.seed)
     model = GPT(cfg.model)   # what the trainer builds before its first update
     run = fit(cfg)
@@ -197,6 +199,12 @@ def test_per_source_loss_is_each_sources_token_mean_cross_entropy(sources, tmp_p
     for i, name in enumerate(["web", "code"]):
         assert record[f"loss/{name}"] == pytest.approx(float(ce[source == i].mean()), rel=1e-5)
     assert record["loss"] == pytest.approx(float(ce.mean()), rel=1e-5)
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    for tag in ("train/loss/web", "train/loss/code", "eval/val_loss/web", "eval/val_loss/code"):
+        (event,) = board.Scalars(tag)
+        assert event.step == 1
+    assert board.Scalars("train/loss/code")[0].value == pytest.approx(record["loss/code"])
 
 
 def test_resume_is_exact_and_a_rollback_skips_across_both_sources(sources, tmp_path):
