@@ -45,8 +45,10 @@ class SourceLoss:
         sources = self.order.source_of(batch.samples)
         self.tokens += np.bincount(sources, minlength=len(self.names)) * self.seq_len
         mine = SampleOrder.rank_columns(sources, env.rank, env.world)  # this rank's rows, in order
-        onehot = np.eye(len(self.names), dtype=np.float32)[mine]
-        self._onehot, self._cursor = torch.from_numpy(onehot).to(env.device), 0
+        onehot = torch.from_numpy(np.eye(len(self.names), dtype=np.float32)[mine])
+        if env.device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
+            onehot = onehot.pin_memory()
+        self._onehot, self._cursor = onehot.to(env.device, non_blocking=True), 0
         self.backend.row_sink = self._add
         try:
             yield

@@ -122,7 +122,8 @@ class Trainer:
             self.metrics.text(line)
 
     def parts(self) -> dict:
-        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds)."""
+        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds). They load
+        in this order: "train" before "order", whose changed mixture weights start at the loaded position."""
         return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
 
     # ------------------------------------------------------------------ the recipe

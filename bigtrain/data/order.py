@@ -8,6 +8,10 @@
   *skip ledger*: sorted half-open ranges ``[start, end)`` of positions never to be read
   (the data windows a stability rollback stepped over).
 * Rank ``r`` of ``W`` takes columns ``r::W`` of the global batch.
+* A mixture of sources (``data.sources``) keeps all of this: position ``p`` is the ``k``-th
+  draw from one source, decided in closed form by the weights (:mod:`bigtrain.data.mixture`),
+  and reads sample ``permutation(N_s, seed, k // N_s)[k % N_s]`` of that source: each
+  source its own epochs. Sample ids number the sources' samples one source after another.
 
 So a batch depends only on (seed, position, ledger, B): never on the world size, the
 micro-batch size or the number of loader workers. A run resumed on another world size
@@ -18,6 +22,9 @@ shards, cut into ``seq_len + 1`` tokens, minus a ``data.val_fraction`` tail) and
 their number. A checkpoint stores that *fingerprint* with the skip ledger
 (:meth:`SampleOrder.state_dict`), and a resume that would silently continue at the
 same position of another stream is refused unless ``checkpoint.accept_data_change``.
+A mixture's fingerprint is per source; a resume with other weights, or with sources added
+after the saved ones, is intended (an annealing stage): it starts a new segment of the
+weight history at the resumed position, which the state saves and the ledger records.
 
 The permutation is a keyed bijection computed per index, not a shuffled array: a
 4-round Feistel network over ``2**k >= N`` with cycle walking (an index that lands
@@ -36,9 +43,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from bigtrain.config import BatchConfig, ConfigError
-from bigtrain.data.mixture import Mixture, integer_weights
-
 from bigtrain.data.dataset import MixedSplit
+from bigtrain.data.mixture import Mixture, integer_weights
 
 if TYPE_CHECKING:
     from bigtrain.config import Config
