@@ -193,14 +193,17 @@ class SampleOrder:
         if why:
             self.mixture = Mixture(self.weights)
             return
-        self.mixture = Mixture([1], state.get("mixture", ()))  # a flat state: one source, weight 1, from 0
-        saved, ours = self.mixture.weights + [0] * (len(self.weights) - self.mixture.sources), self.weights
-        if any(a * sum(ours) != b * sum(saved) for a, b in zip(saved, ours)):  # other proportions
+        # built whole before it replaces ours: the loader's prefetch thread may be reading the order
+        mixture = Mixture([1], state.get("mixture", ()))  # a flat state: one source, weight 1, from 0
+        saved, ours = mixture.weights + [0] * (len(self.weights) - mixture.sources), self.weights
+        changed = any(a * sum(ours) != b * sum(saved) for a, b in zip(saved, ours))  # other proportions
+        if changed:
             if self.position is None:
                 raise ValueError("a mixture change needs the run's position")
-            self.mixture.begin(self.position(), ours)
-            if self.on_change is not None:
-                self.on_change(self.mixture.history()[-1] | {"segments": self.mixture.history()})
+            mixture.begin(self.position(), ours)
+        self.mixture = mixture
+        if changed and self.on_change is not None:
+            self.on_change(mixture.history()[-1] | {"segments": mixture.history()})
 
     def with_skips(self, skips: Iterable[tuple[int, int]]) -> "SampleOrder":
         """The same stream (samples, weight history) under another skip ledger."""
