@@ -19,7 +19,7 @@ from bigtrain.config import ConfigError
 from bigtrain.data.mixture import Interleave, integer_weights
 from bigtrain.data.order import SampleOrder, permutation
 from bigtrain.inspect import inspect_step
-from helpers import REPO, bigtrain, fit, read_jsonl, tiny_config, tiny_overrides, torchrun
+from helpers import REPO, bigtrain, fit, read_jsonl, tiny_overrides, torchrun
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 TINY = dict(model__n_layer=1, model__d_model=32, eval__batches=1, schedule__decay="constant")
@@ -124,7 +124,8 @@ def test_other_weights_start_a_segment_at_the_resumed_position():
 
 @pytest.mark.parametrize("change, needle", [
     (dict(seed=6), "seed 5, this run has seed 6"),
-    (dict(sha=("a", "c")), "train shards sha256 b... for data.sources[1] ('s1'), this run has train shards sha256 c..."),
+    (dict(sha=("a", "c")),
+     "train shards sha256 b... for data.sources[1] ('s1'), this run has train shards sha256 c..."),
     (dict(sizes=(300,), weights=(1,), sha=("a",)), "2 data sources, this run has 1"),
 ])
 def test_a_change_of_the_data_or_the_seed_is_refused(change, needle):
@@ -142,7 +143,8 @@ def test_a_source_added_to_a_one_source_run_starts_a_segment():
     assert after.mixture.history() == [{"start": 0, "weights": [1], "draws": [0]},
                                        {"start": 1000, "weights": [1, 1], "draws": [1000, 0]}]
     assert after.sample_at(np.arange(1000)).tolist() == legacy.sample_at(np.arange(1000)).tolist()
-    assert after.sample_at(np.array([1000, 1001])).tolist() == [legacy.sample_at(np.array([1000]))[0], 300 + permutation(200, 5, 0)[0]]
+    assert after.sample_at(np.array([1000, 1001])).tolist() == \
+        [legacy.sample_at(np.array([1000]))[0], 300 + permutation(200, 5, 0)[0]]
 
 
 # ---------------------------------------------------------------- runs
@@ -242,7 +244,8 @@ def test_weights_change_when_resuming_and_the_stream_stays_inspectable(sources, 
     assert (event["step"], event["start"], event["weights"], event["draws"]) == (20, 160, [1, 4], [112, 48])
 
     def fraction(step_range):
-        names = [r["source"] for s in step_range for r in inspect_step(str(tmp_path / "a"), s)["attempts"][-1]["samples"]]
+        names = [r["source"] for s in step_range
+                 for r in inspect_step(str(tmp_path / "a"), s)["attempts"][-1]["samples"]]
         return names.count("web") / len(names)
     assert fraction(range(1, 21)) == pytest.approx(0.7, abs=0.01)
     assert fraction(range(21, 41)) == pytest.approx(0.2, abs=0.01)
