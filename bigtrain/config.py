@@ -110,14 +110,58 @@ class ModelConfig(Section):
         return 4 * self.d_model
 
 
+class SourceConfig(Section):
+    """One source of a weighted mixture (``data.sources``)."""
+    path: str = Field(..., min_length=1, description="a directory written by `bigtrain prepare`")
+    weight: float = Field(1.0, ge=0, description="its share of the samples, relative to the other sources' "
+                                                 "weights; 0 reads none (a source kept for the run's history)")
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                description="label in metrics (loss/NAME, eval/val_loss/NAME) and inspect; "
+                                            "default: the directory's name")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "SourceConfig":
+        if self.name is None:  # object.__setattr__: an assignment would validate (and call this) again
+            object.__setattr__(self, "name", Path(self.path.rstrip("/")).name or "source")
+        return self
+
+
 class DataConfig(Section):
-    """A directory written by ``bigtrain prepare``."""
-    path: str = Field("data/stdlib", description="a directory written by `bigtrain prepare`")
+    """A directory written by ``bigtrain prepare``, or a weighted mixture of several (``sources``)."""
+    path: str = Field("data/stdlib", description="a directory written by `bigtrain prepare`; with data.sources "
+                                                 "it is set to the first source's path (tokenizer, vocab_size)")
+    sources: Optional[list[SourceConfig]] = Field(None, min_length=1,
+                                                  description="a weighted mixture instead of one path: "
+                                                              "[{path, weight, name}, ...]; the sources must share "
+                                                              "the tokenizer; sources may be added at the end and "
+                                                              "weights changed when resuming (README: Data mixtures)")
     val_path: Optional[str] = Field(None, description="another prepared dir to evaluate on")
     val_fraction: float = Field(0.005, ge=0, lt=1,
                                 description="when the data has no val split (e.g. one document), hold out "
                                             "this tail fraction of train tokens for eval")
     prefetch: int = Field(2, ge=0, description="global batches prepared ahead in a background thread")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_of_sources(cls, values: Any) -> Any:
+        sources = values.get("sources") if isinstance(values, dict) else None
+        if isinstance(sources, list) and sources:
+            first = sources[0]
+            path = first.get("path") if isinstance(first, dict) else getattr(first, "path", None)
+            if path is not None:
+                values = {**values, "path": path}
+        return values
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataConfig":
+        if self.sources:
+            if not any(s.weight > 0 for s in self.sources):
+                raise ValueError("every weight in data.sources is 0; at least one must be positive")
+            names = [s.name for s in self.sources]
+            if len(set(names)) < len(names):
+                twice = next(n for n in names if names.count(n) > 1)
+                raise ValueError(f"two of data.sources are named {twice!r}; give each a distinct name")
+        return self
 
 
 class RampupConfig(Section):

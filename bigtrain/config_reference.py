@@ -30,6 +30,10 @@ def reference_markdown() -> str:
             default = "required" if info.is_required() else json.dumps(info.default)
             meaning = (info.description or "").replace("|", "\\|")
             lines.append(f"| `{key}` | `{default}` | {meaning} |")
+            items = [a for c in getattr(ann, "__args__", ()) for a in getattr(c, "__args__", ())]
+            item = next((c for c in items if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if item is not None:  # a list of sections (data.sources): the keys of each entry
+                walk(item, key + "[].")
 
     walk(Config, "")
     return "\n".join(lines)

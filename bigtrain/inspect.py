@@ -14,7 +14,14 @@ included) and apply the ledger's events in the order they happened:
   culprit samples (see ``bigtrain.stability.culprits``), shown next to them;
 * ``resume`` at step r: a restarted run went back to the state after step r
   (whatever the crashed process did past its last checkpoint is gone);
-* ``spike`` / ``nonfinite`` / ``skip``: mark what happened to that training of the step.
+* ``spike`` / ``nonfinite`` / ``skip``: mark what happened to that training of the step;
+* ``mixture`` (runs with ``data.sources``): a resume with other weights; the event holds the
+  whole weight history (:mod:`bigtrain.data.mixture`), which the replay takes from then on.
+  The history's first segment is what the run started with, so the replay starts with it
+  (``config.yaml`` holds only the newest weights).
+
+With several sources every sample is shown with its source and its draw: ``draw k``
+is the source's ``k``-th sample read (its own stream, its own epochs).
 
 A step that was trained more than once (before and after a rollback) is shown
 once per *attempt*, oldest first: the attempt that spiked is usually the one a
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigtrain.config import ConfigError, load_config
+from bigtrain.data.mixture import Mixture
 from bigtrain.data.order import SampleOrder, batch_size_at
 from bigtrain.ledger import Ledger
 
@@ -55,9 +63,13 @@ class _Point:
 class Replay:
     """The run's history of data positions, rebuilt from its config and ledger."""
 
-    def __init__(self, num_samples: int, cfg, target: int):
+    def __init__(self, num_samples, cfg, target: int, history: list | None = None):
+        """``num_samples``: the train split's (each source's, for a mixture); ``history``: the
+        mixture's first weight segment when it changed since (the first ``mixture`` event's)."""
         self.cfg, self.target = cfg, target
-        self.order = SampleOrder(num_samples, cfg.seed)
+        self.order = SampleOrder(num_samples, cfg.seed, weights=[s.weight for s in cfg.data.sources or []] or None)
+        if history:
+            self.order.mixture = Mixture([1], history)
         self._skips: list | None = None  # self.order.skips, shared by every point until the ledger changes
         self.now = _Point()
         self.points = {0: self._snapshot()}
@@ -85,7 +97,7 @@ class Replay:
         point, skips = self.points[step]
         windows = point.windows if extra_windows is None else self.now.windows + extra_windows
         self.now = _Point(point.step, point.position, point.samples)
-        self.order = SampleOrder(self.order.num_samples, self.order.seed, skips)
+        self.order = self.order.with_skips(skips)
         self._skip(windows)
         if step < self.target:
             for a in self.attempts:
@@ -104,10 +116,12 @@ class Replay:
 
     def apply(self, event: dict) -> None:
         kind, step = event.get("event"), int(event.get("step", 0))
-        if kind not in ("rollback", "culprits", "resume", "spike", "nonfinite", "skip"):
+        if kind not in ("rollback", "culprits", "resume", "spike", "nonfinite", "skip", "mixture"):
             return
         self.advance(step)
-        if kind == "rollback":
+        if kind == "mixture":
+            self.order.mixture = Mixture([1], event["segments"])
+        elif kind == "rollback":
             self._restore(int(event["to_step"]), tuple((int(a), int(b)) for a, b in event["skips"]))
             self.points[self.now.step] = self._snapshot()  # the rollback re-saves its target with the skips
         elif kind == "culprits":  # the scores behind the single positions the next rollback skips
@@ -130,6 +144,8 @@ def _replay(run_dir: str, step: int, data: str | None):
         raise ConfigError(f"{run_dir!r} is not a run directory (no config.yaml)")
     overrides = [f"data.path={data}"] if data else []
     cfg = load_config(run / "config.yaml", overrides=overrides)
+    if data and cfg.data.sources:
+        raise ConfigError(f"--data: {run_dir!r} reads data.sources; edit their paths in {run / 'config.yaml'}")
     if not 1 <= step <= cfg.schedule.max_steps:
         raise ConfigError(f"--step {step}: expected a step in [1, {cfg.schedule.max_steps}]")
     if not Path(cfg.data.path).is_dir():
@@ -137,8 +153,10 @@ def _replay(run_dir: str, step: int, data: str | None):
                           "pass --data DIR")
     prepared, train, _ = open_splits(cfg, verify=False)
     seq = cfg.model.seq_len
-    replay = Replay(train.num_samples(seq), cfg, step)
-    for event in Ledger(run, enabled=False).events():
+    events = Ledger(run, enabled=False).events()
+    first = next((e["segments"][:1] for e in events if e.get("event") == "mixture"), None)
+    replay = Replay(train.sizes(seq) if cfg.data.sources else train.num_samples(seq), cfg, step, first)
+    for event in events:
         replay.apply(event)
     replay.advance(step)
     return cfg, prepared, train, replay
@@ -152,14 +170,18 @@ def inspect_step(run_dir: str, step: int, data: str | None = None, chars: int = 
 def _report(run_dir: str, step: int, cfg, prepared, train, replay, chars: int) -> dict:
     seq, run = cfg.model.seq_len, Path(run_dir)
     tokenizer = prepared.tokenizer
+    names = [s.name for s in cfg.data.sources or []]
     attempts = []
     for a in replay.attempts:
         samples = replay.order.sample_at(a.positions).tolist()
+        sources, draws = replay.order.mixture.draw(a.positions)
         rows = []
-        for position, sample in zip(a.positions, samples):
+        for position, sample, source, draw in zip(a.positions, samples, sources.tolist(), draws.tolist()):
             text = tokenizer.decode(train.sample(sample, seq).tolist())
             rows.append({"position": position, "sample": sample, "text": text[:chars] if chars else text,
                          "culprit": replay.culprits.get(position)})
+            if names:
+                rows[-1].update(source=names[source], draw=draw)
         attempts.append({"start": a.start, "end": a.end,
                          "batch_size": len(a.positions), "verdict": a.verdict, "skipped": a.skipped,
                          "superseded": a.superseded, "samples": rows})
@@ -176,7 +198,9 @@ def format_report(report: dict) -> str:
                      f"{a['start']}..{a['end'] - 1} ({', '.join(notes)})")
         for row in a["samples"]:
             mark = f"  CULPRIT, skipped (score {row['culprit']:.3f})" if row.get("culprit") is not None else ""
-            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}  {json.dumps(row['text'])}{mark}")
+            source = f"  {row['source']} draw {row['draw']}" if "source" in row else ""
+            lines.append(f"  pos {row['position']:>10}  sample {row['sample']:>9}{source}  "
+                         f"{json.dumps(row['text'])}{mark}")
     return "\n".join(lines)
 
 

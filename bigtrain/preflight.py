@@ -37,7 +37,7 @@ import torch
 
 from bigtrain.config import Config
 from bigtrain.data.loader import Batch
-from bigtrain.data.order import SampleOrder, batch_size_at
+from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.data.splits import open_splits
 from bigtrain.model.gpt import GPT
 from bigtrain.optim import batch_scale, param_groups
@@ -114,8 +114,7 @@ class Preflight:
         self.env = DistEnv(rank=0, world=1, local_rank=0, device=pick_device(cfg.parallel.device, 0))
         self.model_fn = model_fn or (lambda: GPT(self.cfg.model))
         self.data, self.split, _ = open_splits(self.cfg)
-        seq = self.cfg.model.seq_len
-        self.order = SampleOrder(self.split.num_samples(seq), self.cfg.seed)
+        self.order = run_order(self.cfg, self.data, self.split)  # a mixture's too
         self.global_size = batch_size_at(0, self.cfg.batch)
         positions, _ = self.order.next_batch(0, self.global_size)
         self.positions, self.samples = positions, self.order.sample_at(positions)

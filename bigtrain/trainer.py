@@ -24,6 +24,7 @@ from bigtrain.config import Config, ConfigError, save_config
 from bigtrain.data.loader import Batch, BatchLoader
 from bigtrain.data.order import batch_size_at, run_order
 from bigtrain.data.splits import check_world, open_splits
+from bigtrain.evaluation import Evaluator
 from bigtrain.ema import attach_ema
 from bigtrain.faults import Faults
 from bigtrain.health import Health
@@ -39,6 +40,7 @@ from bigtrain.phases import phase
 from bigtrain.profiling import StepProfiler
 from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
+from bigtrain.source_metrics import SourceLoss
 from bigtrain.stability.culprits import culprit_policy
 from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
@@ -99,9 +101,10 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
         self.backend = build_backend(self.model, cfg, env)
         self.ema = attach_ema(self.backend, cfg.ema, env.device)  # None unless ema.decay > 0
+        self.evaluator = Evaluator(cfg, env, self.backend, self.val_split)
 
         self.state = TrainState()
-        self.order = run_order(cfg, self.data, self.train_split)
+        self.order = run_order(cfg, self.data, self.train_split, lambda: self.state.position)
         self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
                                   env.device, cfg.data.prefetch)
         peak = peak_flops(env.device, cfg.parallel.precision)  # one device's; MFU is over the world
@@ -112,6 +115,9 @@ class Trainer:
         self.ledger = Ledger(self.run_dir, env.is_main)
         self.ledger.tb = self.metrics.tb
         self.ledger.wandb = self.metrics.wandb
+        self.order.on_change = self.mixture_changed
+        self.source_loss = SourceLoss(getattr(self.train_split, "names", []), self.order, self.backend,
+                                      cfg.model.seq_len)  # mixtures: loss/<name>
         self.guard = Guard(cfg.stability, env, self.ledger)
         self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
             self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
@@ -136,7 +142,8 @@ class Trainer:
             self.metrics.text(line)
 
     def parts(self) -> dict:
-        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds)."""
+        """What a checkpoint holds (besides each rank's RNG, which the checkpointer adds). They load
+        in this order: "train" before "order", whose changed mixture weights start at the loaded position."""
         return {"model": self.backend, "train": self.state, "order": self.order, "guard": self.guard}
 
     # ------------------------------------------------------------------ the recipe
@@ -178,7 +185,8 @@ class Trainer:
                 batch = self.faults.corrupt_batch(
                     self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
-            result = self.train_step(batch)
+            with self.source_loss.reading(batch):
+                result = self.train_step(batch)
             if self.ema is not None:
                 self.ema.update(state.step + 1, result["applied"])  # a skipped step leaves it as it was
             self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
@@ -230,6 +238,13 @@ class Trainer:
         self.aborted.write(step, reason)
         raise error
 
+    def mixture_changed(self, segment: dict) -> None:
+        """A resumed (or rolled-back-to) checkpoint had other mixture weights: the new ones start at
+        its position. The ``mixture`` event holds the whole history, for ``bigtrain inspect``."""
+        self.ledger.record("mixture", self.state.step, names=self.train_split.names, **segment)
+        self.metrics.text(f"data: mixture weights {dict(zip(self.train_split.names, segment['weights']))} "
+                          f"from stream position {segment['start']} (step {self.state.step})")
+
     def protect_rollback_target(self) -> None:
         """While an episode is open, retention keeps the checkpoint a rollback would go back to."""
         first = self.guard.open_since
@@ -255,45 +270,25 @@ class Trainer:
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters()}
+                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters(),
+                  **self.source_loss.collect()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.state.step, record)
         window.update(t0=time.perf_counter(), tokens=0, clipped=0, steps=0)
 
     def evaluate(self) -> float | None:
-        """Val loss (token-weighted over ranks) on the first ``eval.batches`` global
-        batches of the val split, in order: the same samples at every eval. With an
-        EMA, ``val_loss_ema`` too: the same batches under the averaged weights."""
-        val_loss = self.val_loss()
-        if val_loss is None:
+        """Log the val loss (bigtrain/evaluation.py) and, with an EMA, the same under its weights."""
+        record = self.evaluator.losses()
+        if record is None:
             return None
-        record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         if self.ema is not None:
             self.checkpointer.wait()  # an async save may still be copying the tensors the swap writes
             with self.ema.swapped_in(self.backend):
-                record["val_loss_ema"] = self.val_loss()
+                record["val_loss_ema"] = self.evaluator.losses()["val_loss"]
+        record["val_ppl"] = math.exp(min(record["val_loss"], 50))
         self.metrics.scalars(self.state.step, record, prefix="eval")
-        return val_loss
-
-    @torch.no_grad()
-    def val_loss(self) -> float | None:
-        cfg = self.cfg
-        if self.val_split is None or cfg.eval.batches == 0:
-            return None
-        seq, world, micro = cfg.model.seq_len, self.env.world, cfg.batch.micro_size
-        n = min(self.val_split.num_samples(seq), cfg.eval.batches * cfg.batch.global_size)
-        n -= n % world
-        if n == 0:
-            return None
-        self.backend.train(False)
-        mine = torch.arange(n)[self.env.rank::world].numpy()
-        total = torch.zeros((), device=self.env.device)
-        for i in range(0, len(mine), micro):
-            rows = torch.from_numpy(self.val_split.batch(mine[i:i + micro], seq)).to(self.env.device)
-            total += self.backend.eval_loss_sum(rows[:, :-1], rows[:, 1:])
-        self.backend.train(True)
-        return float(self.backend.mean_over_ranks(total / (len(mine) * seq)))
+        return record["val_loss"]
 
     def close(self) -> None:
         self.profiler.close()  # a run that stopped inside profile.steps still writes its trace

@@ -83,6 +83,41 @@ class TokenSplit:
         return TokenSplit(self._shards, self.start, cut), TokenSplit(self._shards, cut, self.end)
 
 
+class MixedSplit:
+    """The same split of several sources as one sample space (a mixture, :mod:`bigtrain.data.mixture`):
+    sample ``offsets[s] + i`` is sample ``i`` of source ``s``. It reads like a :class:`TokenSplit`, so the
+    loader, the culprit search, ``inspect`` and eval take either."""
+
+    def __init__(self, names: Sequence[str], splits: Sequence[TokenSplit], data: Sequence["PreparedData"] = ()):
+        self.names, self.splits, self.data = list(names), list(splits), list(data)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.splits)
+
+    def sizes(self, seq_len: int) -> list[int]:
+        return [s.num_samples(seq_len) for s in self.splits]
+
+    def offsets(self, seq_len: int) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sizes(seq_len))]).astype(np.int64)
+
+    def num_samples(self, seq_len: int) -> int:
+        return sum(self.sizes(seq_len))
+
+    def sample(self, i: int, seq_len: int) -> np.ndarray:
+        return self.batch([i], seq_len)[0]
+
+    def batch(self, indices: Sequence[int], seq_len: int) -> np.ndarray:
+        offsets, idx = self.offsets(seq_len), np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= offsets[-1]):
+            raise IndexError(f"a sample outside [0, {offsets[-1]}) at seq_len={seq_len}")
+        source = np.searchsorted(offsets, idx, side="right") - 1
+        out = np.empty((len(idx), seq_len + 1), dtype=np.int64)
+        for row, (s, i) in enumerate(zip(source.tolist(), idx.tolist())):
+            out[row] = self.splits[s].sample(i - int(offsets[s]), seq_len)
+        return out
+
+
 class PreparedData:
     """A directory written by :func:`bigtrain.data.prepare.prepare`, opened and checked."""
 

@@ -8,6 +8,10 @@
   *skip ledger*: sorted half-open ranges ``[start, end)`` of positions never to be read
   (the data windows a stability rollback stepped over).
 * Rank ``r`` of ``W`` takes columns ``r::W`` of the global batch.
+* A mixture of sources (``data.sources``) keeps all of this: position ``p`` is the ``k``-th
+  draw from one source, decided in closed form by the weights (:mod:`bigtrain.data.mixture`),
+  and reads sample ``permutation(N_s, seed, k // N_s)[k % N_s]`` of that source: each
+  source its own epochs. Sample ids number the sources' samples one source after another.
 
 So a batch depends only on (seed, position, ledger, B): never on the world size, the
 micro-batch size or the number of loader workers. A run resumed on another world size
@@ -18,6 +22,9 @@ shards, cut into ``seq_len + 1`` tokens, minus a ``data.val_fraction`` tail) and
 their number. A checkpoint stores that *fingerprint* with the skip ledger
 (:meth:`SampleOrder.state_dict`), and a resume that would silently continue at the
 same position of another stream is refused unless ``checkpoint.accept_data_change``.
+A mixture's fingerprint is per source; a resume with other weights, or with sources added
+after the saved ones, is intended (an annealing stage): it starts a new segment of the
+weight history at the resumed position, which the state saves and the ledger records.
 
 The permutation is a keyed bijection computed per index, not a shuffled array: a
 4-round Feistel network over ``2**k >= N`` with cycle walking (an index that lands
@@ -29,12 +36,15 @@ written out here, so the order can never change under us with a numpy RNG upgrad
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
 from bigtrain.config import BatchConfig, ConfigError
+from bigtrain.data.dataset import MixedSplit
+from bigtrain.data.mixture import Mixture, integer_weights
 
 if TYPE_CHECKING:
     from bigtrain.config import Config
@@ -89,49 +99,119 @@ def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return permute(n, seed, epoch, np.arange(n))
 
 
-# What defines the order, in the order a mismatch is reported, with the name a user knows it by.
-FINGERPRINT = (("seed", "seed"), ("seq_len", "model.seq_len"), ("train_sha256", "train shards sha256"),
-               ("val_fraction", "data.val_fraction"), ("samples", "training samples"))
+# What defines the order, in the order a mismatch is reported, with the name a user knows it by:
+# the run's, then each source's (one-source runs keep these flat, as they always did).
+FINGERPRINT = (("seed", "seed"), ("seq_len", "model.seq_len"))
+SOURCE_FINGERPRINT = (("train_sha256", "train shards sha256"), ("val_fraction", "data.val_fraction"),
+                      ("samples", "training samples"))
+
+
+def _sources(fingerprint: dict) -> list[dict]:
+    """A fingerprint's per-source entries (a flat one-source fingerprint is one source)."""
+    return fingerprint["sources"] if "sources" in fingerprint else [fingerprint]
+
+
+def _shown(key: str, value):
+    if key == "train_sha256" and value:  # enough hex digits to tell two corpora apart
+        return f"{value[:12]}..."
+    return value
 
 
 class SampleOrder:
-    """The infinite sample stream of one run and its skip ledger."""
+    """The infinite sample stream of one run and its skip ledger.
 
-    def __init__(self, num_samples: int, seed: int, skip: Iterable[tuple[int, int]] = (),
-                 fingerprint: dict | None = None, accept_change: bool = False):
+    With several sources (``num_samples`` a list: each source's sample count) the samples
+    are numbered source after source (source ``s`` holds ids ``[offsets[s], offsets[s+1])``)
+    and :mod:`bigtrain.data.mixture` decides which source each position draws from."""
+
+    def __init__(self, num_samples: int | Sequence[int], seed: int, skip: Iterable[tuple[int, int]] = (),
+                 fingerprint: dict | None = None, accept_change: bool = False,
+                 weights: Sequence[float] | None = None, position: Callable[[], int] | None = None):
         """``fingerprint``: what else defines the samples (see :func:`run_order`);
-        ``accept_change``: load a saved state whose fingerprint differs."""
-        if num_samples < 1:
+        ``accept_change``: load a saved state whose fingerprint differs; ``weights``: the
+        mixture's (default: equal); ``position``: the run's data position, read when a
+        loaded state's weights differ from ``weights`` (the new weights start there)."""
+        sizes = [int(num_samples)] if isinstance(num_samples, (int, np.integer)) else [int(n) for n in num_samples]
+        if min(sizes, default=0) < 1:
             raise ConfigError("the data holds no sample of seq_len + 1 tokens; use more data or a shorter seq_len")
-        self.num_samples, self.seed = int(num_samples), int(seed)
-        self.fingerprint = {**(fingerprint or {}), "seed": self.seed, "samples": self.num_samples}
-        self.accept_change = accept_change
+        self.sizes, self.seed = sizes, int(seed)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_samples = int(self.offsets[-1])
+        self.fingerprint = {**(fingerprint or {}), "seed": self.seed}
+        if "sources" not in self.fingerprint:
+            self.fingerprint["samples"] = self.num_samples
+        self.accept_change, self.position = accept_change, position
+        self.weights = integer_weights(weights or [1.0] * len(sizes))  # what this run reads from now on
+        self.mixture = Mixture(self.weights)
+        self.on_change: Callable[[dict], None] | None = None  # told about every new mixture segment
         self._starts: list[int] = []
         self._ends: list[int] = []
         for start, end in skip:
             self.add_skip(start, end)
 
     def state_dict(self) -> dict:
-        """The skip ledger and the fingerprint, as plain data (the position is the trainer's)."""
-        return {"skips": [[s, e] for s, e in self.skips], "fingerprint": dict(self.fingerprint)}
+        """The skip ledger, the fingerprint and (mixtures) the weight history, as plain data
+        (the position is the trainer's)."""
+        state = {"skips": [[s, e] for s, e in self.skips], "fingerprint": dict(self.fingerprint)}
+        if "sources" in self.fingerprint:
+            state["mixture"] = self.mixture.history()
+        return state
+
+    def difference(self, saved: dict) -> str | None:
+        """What makes the saved fingerprint another stream than ours (one line), or None.
+        New sources after the saved ones and other weights are no difference: they start a segment."""
+        for key, label in FINGERPRINT:
+            if saved.get(key) != self.fingerprint.get(key):
+                return f"{label} {saved.get(key)}, this run has {label} {self.fingerprint.get(key)}"
+        theirs, ours = _sources(saved), _sources(self.fingerprint)
+        if len(ours) < len(theirs):
+            return (f"{len(theirs)} data sources, this run has {len(ours)} (a source cannot be removed "
+                    "mid-run: keep it in data.sources with weight 0)")
+        flat = "sources" not in saved and "sources" not in self.fingerprint
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            where = "" if flat else f" for data.sources[{i}] ({a.get('name')!r})"
+            for key, label in SOURCE_FINGERPRINT:
+                if a.get(key) != b.get(key):
+                    return (f"{label} {_shown(key, a.get(key))}{where}, "
+                            f"this run has {label} {_shown(key, b.get(key))}")
+        return None
 
     def load_state_dict(self, state: dict) -> None:
-        """Take the saved ledger, after checking that the saved order is this one.
+        """Take the saved ledger and weight history, after checking that the saved order is this one.
 
         Raises :class:`ConfigError` naming the first thing that changed, unless
-        ``accept_change``."""
-        if not self.accept_change:
-            saved = state["fingerprint"]
-            for key, label in FINGERPRINT:
-                theirs, ours = saved.get(key), self.fingerprint.get(key)
-                if theirs != ours:
-                    if key == "train_sha256":  # enough hex digits to tell two corpora apart
-                        theirs, ours = (f"{v[:12]}..." if v else v for v in (theirs, ours))
-                    raise ConfigError(f"the data order was written with {label} {theirs}, this run has "
-                                      f"{label} {ours}; set checkpoint.accept_data_change=true if that is intended")
+        ``accept_change`` (then the history restarts with this run's weights). Other weights,
+        or sources added after the saved ones, are intended: a new mixture segment starts at
+        the run's position and ``on_change`` is told."""
+        why = self.difference(state["fingerprint"])
+        if why and not self.accept_change:
+            raise ConfigError(f"the data order was written with {why}; "
+                              "set checkpoint.accept_data_change=true if that is intended")
         self._starts, self._ends = [], []
         for start, end in state["skips"]:
             self.add_skip(start, end)
+        if why:
+            self.mixture = Mixture(self.weights)
+            return
+        # built whole before it replaces ours: the loader's prefetch thread may be reading the order
+        mixture = Mixture([1], state.get("mixture", ()))  # a flat state: one source, weight 1, from 0
+        saved, ours = mixture.weights + [0] * (len(self.weights) - mixture.sources), self.weights
+        changed = any(a * sum(ours) != b * sum(saved) for a, b in zip(saved, ours))  # other proportions
+        if changed:
+            if self.position is None:
+                raise ValueError("a mixture change needs the run's position")
+            mixture.begin(self.position(), ours)
+        self.mixture = mixture
+        if changed and self.on_change is not None:
+            self.on_change(mixture.history()[-1] | {"segments": mixture.history()})
+
+    def with_skips(self, skips: Iterable[tuple[int, int]]) -> "SampleOrder":
+        """The same stream (samples, weight history) under another skip ledger."""
+        other = copy.copy(self)
+        other._starts, other._ends = [], []
+        for start, end in skips:
+            other.add_skip(start, end)
+        return other
 
     @property
     def skips(self) -> list[tuple[int, int]]:
@@ -153,14 +233,21 @@ class SampleOrder:
         self._ends[lo:hi] = [end]
 
     def sample_at(self, positions: np.ndarray) -> np.ndarray:
-        """The sample index at each stream position."""
-        pos = np.asarray(positions, dtype=np.int64)
-        epochs, index = np.divmod(pos, self.num_samples)
-        out = np.empty_like(pos)
-        for epoch in np.unique(epochs):
-            where = epochs == epoch
-            out[where] = permute(self.num_samples, self.seed, int(epoch), index[where])
+        """The sample index at each stream position (with one source, sample ``permutation(N, seed,
+        p // N)[p % N]``; with several, the source's own stream at its draw count)."""
+        source, k = self.mixture.draw(positions)
+        out = np.empty_like(k)
+        for s in np.unique(source):
+            n = self.sizes[int(s)]
+            epochs, index = np.divmod(k, n)
+            for epoch in np.unique(epochs[source == s]):
+                where = (source == s) & (epochs == epoch)
+                out[where] = self.offsets[int(s)] + permute(n, self.seed, int(epoch), index[where])
         return out
+
+    def source_of(self, samples: np.ndarray) -> np.ndarray:
+        """The source of each sample index."""
+        return np.searchsorted(self.offsets, np.asarray(samples, dtype=np.int64), side="right") - 1
 
     def next_batch(self, position: int, size: int) -> tuple[np.ndarray, int]:
         """The next ``size`` unskipped stream positions at or after ``position``, and the new position.
@@ -193,18 +280,30 @@ class SampleOrder:
         return batch[rank::world]
 
 
-def run_order(cfg: Config, data: PreparedData, train_split: TokenSplit) -> SampleOrder:
-    """The sample order of a run on ``train_split`` of ``data``, with its fingerprint:
-    the seed, the sample count, seq_len, the train shards' sha256 from the data's
-    manifest (another corpus, or the same one re-prepared differently) and the
-    ``data.val_fraction`` cut when one was taken from the train split."""
+def _identity(cfg: Config, data: PreparedData, split: TokenSplit) -> dict:
+    """What one source's samples are: its train shards' sha256 from its manifest (another corpus,
+    or the same one re-prepared differently), the ``data.val_fraction`` cut when one was taken
+    from its train split, its sample count."""
     shards = data.manifest["splits"]["train"]["shards"]
-    cut = train_split.tokens < data.split("train").tokens
-    fingerprint = {"seq_len": cfg.model.seq_len,
-                   "train_sha256": hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest(),
-                   "val_fraction": cfg.data.val_fraction if cut else 0.0}
-    return SampleOrder(train_split.num_samples(cfg.model.seq_len), cfg.seed, fingerprint=fingerprint,
-                       accept_change=cfg.checkpoint.accept_data_change)
+    cut = split.tokens < data.split("train").tokens
+    return {"train_sha256": hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest(),
+            "val_fraction": cfg.data.val_fraction if cut else 0.0, "samples": split.num_samples(cfg.model.seq_len)}
+
+
+def run_order(cfg: Config, data: PreparedData, train_split: TokenSplit | MixedSplit,
+              position: Callable[[], int] | None = None) -> SampleOrder:
+    """The sample order of a run on ``train_split`` of ``data`` (a :class:`MixedSplit`: of
+    ``data.sources``), with its fingerprint: the seed, seq_len and each source's identity
+    (:func:`_identity`). ``position``: the run's data position, where changed weights start."""
+    seq = cfg.model.seq_len
+    if isinstance(train_split, MixedSplit):
+        sources = [{"name": n, **_identity(cfg, d, sp)}
+                   for n, d, sp in zip(train_split.names, train_split.data, train_split.splits)]
+        return SampleOrder(train_split.sizes(seq), cfg.seed, fingerprint={"seq_len": seq, "sources": sources},
+                           accept_change=cfg.checkpoint.accept_data_change,
+                           weights=[s.weight for s in cfg.data.sources], position=position)
+    return SampleOrder(train_split.num_samples(seq), cfg.seed, fingerprint={"seq_len": seq, **_identity(
+        cfg, data, train_split)}, accept_change=cfg.checkpoint.accept_data_change, position=position)
 
 
 def batch_size_at(samples: int, cfg: BatchConfig) -> int:

@@ -244,17 +244,22 @@ class GPT(nn.Module):
         return 6.0 * (self.num_params(non_embedding=True) + head) + 12.0 * c.n_layer * c.d_model * c.seq_len
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ce_sum, z_sum)`` over all tokens, in fp32.
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,
+            rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_sum, z_sum)`` over all tokens, in fp32; with ``rows``, ``ce_sum`` per row (``[batch]``).
 
     Sums, not means: the trainer divides by the global token count, so the step's loss is the
     token-weighted mean over the whole global batch whatever the micro-batching and rank count.
     ``z_sum = z_loss * sum(logsumexp(logits) ** 2)`` (PaLM's z-loss) keeps the softmax normaliser
     near one; it is a zero tensor when ``z_loss == 0``.
     """
+    batch = targets.shape[0]
     logits = logits.float().reshape(-1, logits.size(-1))
     targets = targets.reshape(-1)
-    ce_sum = F.cross_entropy(logits, targets, reduction="sum")
+    if rows:
+        ce_sum = F.cross_entropy(logits, targets, reduction="none").view(batch, -1).sum(dim=1)
+    else:
+        ce_sum = F.cross_entropy(logits, targets, reduction="sum")
     if z_loss == 0.0:
         return ce_sum, torch.zeros((), device=logits.device)
     z_sum = z_loss * torch.logsumexp(logits, dim=-1).pow(2).sum()

@@ -64,6 +64,7 @@ class Backend:
         self.model: nn.Module = model
         self.optimizer: torch.optim.Optimizer | None = None
         self._norm: torch.Tensor | None = None  # the measured step's global norm, for update()
+        self.row_sink = None  # when set, loss_terms hands it each micro-batch's per-row CE sums (mixtures)
 
     # -- the step recipe ------------------------------------------------------------------
     def measure(self, batch, micro_size: int, after_backward=None) -> StepStats:
@@ -111,7 +112,11 @@ class Backend:
     def loss_terms(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits = self.model(inputs)
-        return lm_loss(logits, targets, self.cfg.model.z_loss)
+        ce, z_sum = lm_loss(logits, targets, self.cfg.model.z_loss, rows=self.row_sink is not None)
+        if self.row_sink is not None:  # per-row sums of the one cross-entropy: per-source losses
+            self.row_sink(ce.detach())
+            ce = ce.sum()
+        return ce, z_sum
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float,
                          last: bool) -> torch.Tensor:
