@@ -72,7 +72,7 @@ class Encoder:
         except Exception as e:  # `tokenizers` raises a bare Exception (e.g. a char outside a WordLevel vocab)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"--source {self.job.source!r}: the tokenizer cannot encode it ({reason})") from None
-        lengths = np.array([len(ids) + 1 if ids else 0 for ids in encoded], dtype=np.int64)
+        lengths = np.array([len(ids) + 1 if len(ids) else 0 for ids in encoded], dtype=np.int64)
         tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
         end = 0
         for ids, n in zip(encoded, lengths):

@@ -55,7 +55,7 @@ def prepare(source: str, tokenizer: str, out: str, val_fraction: float = DEFAULT
         tok = build_tokenizer(tokenizer, src.texts)
         part = tmp / "part"
         part.mkdir()
-        _write_part(src, tok, part, 0, 1, workers)
+        write_part(src, tok, part, 0, 1, workers)
         manifest = cut(read_parts([part]), tmp, val_fraction, shard_tokens, consume=True)
         shutil.rmtree(part)
     return manifest
@@ -92,7 +92,7 @@ def prepare_slice(source: str, tokenizer: str, out: str, index: int, count: int,
         raise ConfigError(f"--slice {index}/{count}: {str(part)!r} holds a part of another prepare; "
                           "pass --overwrite to replace it")
     with _committed(part, overwrite) as tmp:
-        _write_part(src, build_tokenizer(tokenizer, src.texts), tmp, index, count, workers)
+        write_part(src, build_tokenizer(tokenizer, src.texts), tmp, index, count, workers)
     return read_part(part)
 
 
@@ -117,7 +117,9 @@ def merge(source: str, tokenizer: str, out: str, val_fraction: float = DEFAULT_V
     return manifest
 
 
-def _write_part(src: Source, tok: Tokenizer, part: Path, index: int, count: int, workers: int) -> dict:
+def write_part(src: Source, tok: Tokenizer, part: Path, index: int, count: int, workers: int) -> dict:
+    """Tokenize slice ``index`` of ``count`` of ``src`` with ``workers`` processes into the
+    existing, empty dir ``part``; returns its part.json."""
     start, stop = src.slice(index, count)
     tok.save(part / "tokenizer")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32).newbyteorder("<")
