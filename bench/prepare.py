@@ -41,7 +41,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, here a
 from bigtrain.data.encode import default_workers  # noqa: E402
 from bigtrain.data.parts import cut, read_parts  # noqa: E402
 from bigtrain.data.prepare import prepare, write_part  # noqa: E402
-from bigtrain.data.sources import UNIT_BYTES, open_source  # noqa: E402
+from bigtrain.data.sources import open_source  # noqa: E402
+from bigtrain.data.units import UNIT_BYTES  # noqa: E402
 from bigtrain.data.tokenizer import build_tokenizer  # noqa: E402
 from common import SHAKESPEARE  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 from bigtrain.cli import main
 from bigtrain.data.encode import IN_FLIGHT_PER_WORKER, Job, encode_units
 from bigtrain.data.prepare import merge, parts_dir, prepare, prepare_slice
-from bigtrain.data.sources import UNIT_BYTES, Unit, open_source
+from bigtrain.data.units import UNIT_BYTES, Unit
 
 ABSENT = object()  # a JSONL row without a "text" field
 

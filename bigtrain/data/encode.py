@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bigtrain.errors import ConfigError
-from bigtrain.data.sources import Repairs, Unit, decode
+from bigtrain.data.units import Repairs, Unit, decode
 from bigtrain.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 IN_FLIGHT_PER_WORKER = 2  # enough to keep every worker busy while the main process writes
