@@ -1,27 +1,30 @@
 """How fast `bigtrain prepare` tokenizes with 1 and N worker processes, against the tokenizer itself.
 
     python bench/prepare.py [--source stdlib|shakespeare|PATH] [--tokenizer bpe:8192] [--workers N]
-                            [--repeats 3] [--full] [--memory]
+                            [--repeats 3] [--memory]
 
-Prints one JSON object; every time is the median of ``--repeats`` runs (the machine may be
-shared: the load average is reported too, and CPU seconds, which load does not inflate).
+Prints one JSON object. The tokenizer is made once (BPE training is the ``tokenizers``
+library's own, serial, and not what is measured) and saved; then each measurement runs
+in a fresh process that loads it from disk, as prepare's workers do, interleaved
+(tokenizer, 1 worker, N workers, tokenizer, ...) so that a busy neighbour hurts each
+alike; figures are medians of ``--repeats``. The load average is reported: on a shared
+machine wall times measure the neighbours too, so CPU seconds are reported as well.
 
 - ``tokenizer_mb_s``: the raw ``tokenizers`` rate, ``Tokenizer.encode_batch_fast`` in one
-  thread (TOKENIZERS_PARALLELISM=false, as in prepare's workers, each of which is one
-  thread) on the same documents in the same batches as prepare's units; ``tokenizer_ids_mb_s``
-  adds what prepare needs besides (the ids as lists: bigtrain's ``Tokenizer.encode_batch``).
-- ``prepare_mb_s``: MB of source text per second of prepare's tokenize + write + cut, for 1
-  and N workers; the tokenizer is trained once beforehand (BPE training is the ``tokenizers``
-  library's own, in one process; ``--full`` adds ``full_prepare_s``, the whole command).
+  thread (TOKENIZERS_PARALLELISM=false, as in prepare's workers, which are one thread each)
+  on the same documents in the same batches as prepare's units, text already in memory.
+- ``prepare_mb_s``: MB of source text per second of prepare's read + tokenize + write +
+  cut (``write_part`` and ``cut``: all of ``prepare`` but the tokenizer's training), for
+  1 and N workers.
 - ``of_n_tokenizers``: prepare_mb_s[N] / (N x tokenizer_mb_s), goal >= 0.85;
   ``speedup``: prepare_mb_s[N] / prepare_mb_s[1], goal >= 1.7 at N = 2.
-- ``cpu``: the same figures from CPU seconds (what they would be with a core per process),
-  for a machine that others share: there, wall times measure the neighbours as much as prepare.
-- ``--memory``: peak RSS of prepare's main process and of its largest worker (bytes tokenizer,
-  N workers) on the source as JSONL.zst, once as is and once 4 times over: flat, not 4x.
+- ``cpu``: the same from CPU seconds, as if each process had a core of its own: the
+  busiest of the main process and the workers (their CPU shared evenly) sets the pace.
+- ``--memory``: peak RSS of prepare's main process and of its largest worker (bytes
+  tokenizer, N workers) on the source as one JSONL.zst file, as is and 4 times over.
 
 ``--source shakespeare`` is ../shared/data/tinyshakespeare.txt as JSONL, one paragraph per
-document (as one text file it is a single document, which one worker tokenizes alone).
+document (as one text file it is one document, which one worker tokenizes alone).
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ from bigtrain.data.encode import default_workers  # noqa: E402
 from bigtrain.data.parts import cut, read_parts  # noqa: E402
 from bigtrain.data.prepare import prepare, write_part  # noqa: E402
 from bigtrain.data.sources import open_source  # noqa: E402
+from bigtrain.data.tokenizer import build_tokenizer, load_tokenizer  # noqa: E402
 from bigtrain.data.units import UNIT_BYTES  # noqa: E402
-from bigtrain.data.tokenizer import build_tokenizer  # noqa: E402
 from common import SHAKESPEARE  # noqa: E402
 
 
@@ -53,25 +56,11 @@ def cpu_seconds() -> tuple[float, float]:
                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def measured(fn, repeats: int) -> dict:
-    walls, mains, workers = [], [], []
-    for _ in range(repeats):
-        c, t = cpu_seconds(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t)
-        after = cpu_seconds()
-        mains.append(after[0] - c[0])
-        workers.append(after[1] - c[1])
-    return {"wall_s": statistics.median(walls), "walls": walls, "main_cpu_s": statistics.median(mains),
-            "workers_cpu_s": statistics.median(workers)}
-
-
-def cpu_bound_rate(mb: float, run: dict, workers: int) -> float:
-    """MB/s if every process had a core of its own: the busiest of the main process and the
-    workers (their CPU shared evenly; units are small, so they are) sets the pace."""
-    if workers == 1:
-        return mb / run["main_cpu_s"]
-    return mb / max(run["main_cpu_s"], run["workers_cpu_s"] / workers)
+def timed(fn) -> dict:
+    c, t = cpu_seconds(), time.perf_counter()
+    fn()
+    wall, after = time.perf_counter() - t, cpu_seconds()
+    return {"wall_s": wall, "main_cpu_s": after[0] - c[0], "workers_cpu_s": after[1] - c[1]}
 
 
 def batches(texts: list[str]) -> list[list[str]]:
@@ -86,18 +75,29 @@ def batches(texts: list[str]) -> list[list[str]]:
     return out + [batch] if batch else out
 
 
-def shakespeare_jsonl(tmp: Path) -> str:
-    path = tmp / "shakespeare.jsonl"
-    paragraphs = SHAKESPEARE.read_text().split("\n\n")
-    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-    return str(path)
-
-
-def tokenize_once(src, tok, workers: int, tmp: Path) -> None:
+def run_one(what: str, source: str, tok_dir: str, tmp: str) -> dict:
+    """One measurement, in this (fresh) process: ``raw`` or ``prepare-W``."""
+    tok, src = load_tokenizer(tok_dir), open_source(source)
+    if what == "raw":
+        units = batches(list(src.texts()))
+        rust = {"bpe": lambda: tok.tok, "hf": lambda: tok.tok.backend_tokenizer}.get(tok.kind, lambda: None)()
+        encode = ((lambda b: rust.encode_batch_fast(b, add_special_tokens=False)) if rust is not None
+                  else tok.encode_batch)  # bytes, char: bigtrain's own encoders are what prepare runs
+        return timed(lambda: [encode(b) for b in units])
+    workers = int(what.split("-")[1])
     run = Path(tempfile.mkdtemp(dir=tmp))
-    (run / "part").mkdir()
-    write_part(src, tok, run / "part", 0, 1, workers)
-    cut(read_parts([run / "part"]), run, 0.005, 2**27, consume=True)
+
+    def once():
+        (run / "part").mkdir()
+        write_part(src, tok, run / "part", 0, 1, workers)
+        cut(read_parts([run / "part"]), run, 0.005, 2**27, consume=True)
+    return timed(once)
+
+
+def measure(what: str, source: str, tok_dir: Path, tmp: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--run", what, "--source", source, "--tok", str(tok_dir),
+                          "--tmp", str(tmp)], capture_output=True, text=True, check=True, timeout=3600)
+    return json.loads(out.stdout)
 
 
 def rss(source: str, workers: int) -> dict:
@@ -109,7 +109,7 @@ def rss(source: str, workers: int) -> dict:
             f"        prepare({source!r}, 'bytes', d + '/out', workers={workers})\n"
             "    kb = [resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]\n"
             "    print(json.dumps({'main_mb': kb[0] / 1024, 'worker_mb': kb[1] / 1024}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=3600)
     return json.loads(out.stdout)
 
 
@@ -122,8 +122,16 @@ def memory(texts: list[str], workers: int, tmp: Path) -> dict:
             for _ in range(times):
                 for t in texts:
                     f.write((json.dumps({"text": t}) + "\n").encode())
-        result[f"x{times}"] = {"source_mb": sum(len(t.encode()) for t in texts) * times / 1e6, **rss(str(path), workers)}
+        mb = sum(len(t.encode()) for t in texts) * times / 1e6
+        result[f"x{times}"] = {"source_mb": round(mb, 1), **rss(str(path), workers)}
     return result
+
+
+def shakespeare_jsonl(tmp: Path) -> str:
+    path = tmp / "shakespeare.jsonl"
+    paragraphs = SHAKESPEARE.read_text().split("\n\n")
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    return str(path)
 
 
 def main() -> None:
@@ -132,51 +140,48 @@ def main() -> None:
     p.add_argument("--tokenizer", default="bpe:8192")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--full", action="store_true", help="also time the whole prepare, tokenizer training included")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    p.add_argument("--tok", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args.run, args.source, args.tok, args.tmp)))
+        return
+    n = args.workers
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         source = shakespeare_jsonl(tmp) if args.source == "shakespeare" else args.source
-        load_before = os.getloadavg()[0]
+        load = [os.getloadavg()[0]]
         src = open_source(source)
         texts = list(src.texts())
         mb = sum(len(t.encode()) for t in texts) / 1e6
-        full = {w: measured(lambda: prepare(source, args.tokenizer, str(tmp / "full"), workers=w, overwrite=True),
-                            1)["wall_s"] for w in sorted({1, args.workers})} if args.full else {}
-        tok = build_tokenizer(args.tokenizer, src.texts)
-        units = batches(texts)
-        rust = getattr(tok, "tok", None)
-        raw = measured(lambda: [rust.encode_batch_fast(b, add_special_tokens=False) for b in units],
-                       args.repeats) if rust is not None and hasattr(rust, "encode_batch_fast") else None
-        ids = measured(lambda: [tok.encode_batch(b) for b in units], args.repeats)
-        runs = {w: measured(lambda: tokenize_once(src, tok, w, tmp), args.repeats) for w in sorted({1, args.workers})}
-        n = args.workers
-        rate = {w: mb / r["wall_s"] for w, r in runs.items()}
-        tok_rate = mb / (raw or ids)["wall_s"]
-        tok_cpu = (raw or ids)["main_cpu_s"]
-        cpu_rate = {w: cpu_bound_rate(mb, r, w) for w, r in runs.items()}
+        build_tokenizer(args.tokenizer, src.texts).save(tmp / "tok")
+        kinds = ["raw", "prepare-1", f"prepare-{n}"] if n > 1 else ["raw", "prepare-1"]
+        runs = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for k in kinds:
+                runs[k].append(measure(k, source, tmp / "tok", tmp))
+        load.append(os.getloadavg()[0])
+        med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
+        wall = {k: mb / m["wall_s"] for k, m in med.items()}
+        cpu = {k: mb / max(m["main_cpu_s"], m["workers_cpu_s"] / int(k.split("-")[1]) if "-" in k else 0)
+               for k, m in med.items()}
         result = {
-            "source": args.source, "tokenizer": args.tokenizer, "source_mb": round(mb, 2), "documents": len(texts),
-            "units": len(units), "workers": n, "cores": os.cpu_count(), "repeats": args.repeats,
-            "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
-            "tokenizer_mb_s": round(tok_rate, 3),
-            "tokenizer_ids_mb_s": round(mb / ids["wall_s"], 3),
-            "prepare_mb_s": {w: round(r, 3) for w, r in rate.items()},
-            "of_n_tokenizers": round(rate[n] / (n * tok_rate), 3),
-            "speedup": round(rate[n] / rate[1], 3),
-            # the same from CPU seconds, which a shared machine's load does not inflate as much
-            "cpu": {"tokenizer_s": round(tok_cpu, 2),
-                    **{f"prepare_{w}": {"main_s": round(r["main_cpu_s"], 2), "workers_s": round(r["workers_cpu_s"], 2)}
-                       for w, r in runs.items()},
-                    "tokenizer_mb_s": round(mb / tok_cpu, 3),
-                    "prepare_mb_s": {w: round(r, 3) for w, r in cpu_rate.items()},
-                    "of_n_tokenizers": round(cpu_rate[n] / (n * mb / tok_cpu), 3),
-                    "speedup": round(cpu_rate[n] / cpu_rate[1], 3)},
-            "full_prepare_s": {w: round(s, 2) for w, s in full.items()},
-            "walls_s": {"tokenizer": [round(x, 2) for x in (raw or ids)["walls"]],
-                        **{f"prepare_{w}": [round(x, 2) for x in r["walls"]] for w, r in runs.items()}},
-            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "source": args.source, "tokenizer": args.tokenizer, "source_mb": round(mb, 2),
+            "documents": len(texts), "units": len(batches(texts)), "workers": n, "cores": len(os.sched_getaffinity(0)),
+            "repeats": args.repeats, "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
+            "tokenizer_mb_s": round(wall["raw"], 3),
+            "prepare_mb_s": {k.split("-")[1]: round(v, 3) for k, v in wall.items() if k != "raw"},
+            "of_n_tokenizers": round(wall[f"prepare-{n}"] / (n * wall["raw"]), 3),
+            "speedup": round(wall[f"prepare-{n}"] / wall["prepare-1"], 3),
+            "cpu": {"tokenizer_mb_s": round(cpu["raw"], 3),
+                    "prepare_mb_s": {k.split("-")[1]: round(v, 3) for k, v in cpu.items() if k != "raw"},
+                    "of_n_tokenizers": round(cpu[f"prepare-{n}"] / (n * cpu["raw"]), 3),
+                    "speedup": round(cpu[f"prepare-{n}"] / cpu["prepare-1"], 3),
+                    "seconds": {k: {f: round(v, 2) for f, v in m.items() if f != "wall_s"} for k, m in med.items()}},
+            "walls_s": {k: [round(r["wall_s"], 2) for r in rs] for k, rs in runs.items()},
+            "load_average": [round(x, 2) for x in load],
         }
         if args.memory:
             result["memory"] = memory(texts, n, tmp)
