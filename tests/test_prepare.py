@@ -81,15 +81,20 @@ def _write_formats(root: Path, rows: list, kinds=("jsonl", "gz", "zst", "parquet
             "zst": str(root / "zst"), "parquet": str(root / "parquet"), "saved": f"hf:{root / 'saved'}"}
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", "bpe:300"])
-def test_any_number_of_workers_writes_the_same_bytes(tmp_path, paragraphs, tokenizer):
-    src = tmp_path / "txt"
-    src.mkdir()
-    for i in range(24):  # 24 text files, one document each, of ~30 kB
-        (src / f"{i:02d}.txt").write_text("\n\n".join(paragraphs[i::24]))
+@pytest.mark.slow  # starts worker processes
+@pytest.mark.parametrize("kind, tokenizer", [("txt", "bytes"), ("txt", "bpe:300"), ("zst", "bytes"),
+                                             ("parquet", "bytes")])
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path, paragraphs, kind, tokenizer):
+    if kind == "txt":
+        (tmp_path / "txt").mkdir()
+        for i in range(24):  # 24 text files, one document each, of ~30 kB
+            (tmp_path / "txt" / f"{i:02d}.txt").write_text("\n\n".join(paragraphs[i::24]))
+        source = str(tmp_path / "txt" / "*.txt")
+    else:  # units of JSON lines or of Arrow arrays go to the workers instead
+        source = _write_formats(tmp_path / "src", _rows(paragraphs), kinds=(kind,))[kind]
     one, two = tmp_path / "one", tmp_path / "two"
-    m1 = prepare(str(src / "*.txt"), tokenizer, str(one), val_fraction=0.1, shard_tokens=50_000, workers=1)
-    m2 = prepare(str(src / "*.txt"), tokenizer, str(two), val_fraction=0.1, shard_tokens=50_000, workers=2)
+    m1 = prepare(source, tokenizer, str(one), val_fraction=0.1, shard_tokens=50_000, workers=1)
+    m2 = prepare(source, tokenizer, str(two), val_fraction=0.1, shard_tokens=50_000, workers=2)
     assert m1 == m2 and len(m1["splits"]["train"]["shards"]) > 2
     assert _files(one) == _files(two)
     assert not any(p.name.endswith((".tmp", ".parts")) for p in tmp_path.iterdir())
@@ -101,7 +106,7 @@ def test_compressed_jsonl_parquet_dirs_and_datasets_give_the_same_tokens(tmp_pat
     outs = {}
     for kind, source in sources.items():
         outs[kind] = tmp_path / kind
-        m = prepare(source, "bytes", str(outs[kind]), val_fraction=0.01, shard_tokens=100_000, workers=2)
+        m = prepare(source, "bytes", str(outs[kind]), val_fraction=0.01, shard_tokens=100_000, workers=1)
         assert m["repairs"] == {"replaced_chars": 0, "replaced_docs": 0, "dropped_rows": 2}, kind
         assert m["documents"] == len(rows)
     reference = _files(outs["jsonl"])
@@ -183,6 +188,17 @@ def _append(root: Path, lines: bytes) -> str:
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, paragraphs, case):
     make, expected = BAD_INPUTS[case]
     _write_formats(tmp_path, _rows(paragraphs), kinds=("jsonl", "gz", "zst", "parquet"))
+    line = _refused(capsys, tmp_path, ["--source", make(tmp_path), "--tokenizer", "bytes", "--workers", "1"])
+    assert expected in line, line
+
+
+@pytest.mark.slow  # starts worker processes
+@pytest.mark.parametrize("case", ["bad json line", "truncated zst"])
+def test_bad_input_met_while_workers_run(tmp_path, capsys, paragraphs, case):
+    """Met by a worker (a JSON line) or by the main process while the workers tokenize (the
+    third file of a .zst source): the same one line, the workers stopped, nothing written."""
+    make, expected = BAD_INPUTS[case]
+    _write_formats(tmp_path, _rows(paragraphs), kinds=("jsonl", "zst"))
     line = _refused(capsys, tmp_path, ["--source", make(tmp_path), "--tokenizer", "bytes", "--workers", "2"])
     assert expected in line, line
 
@@ -255,6 +271,7 @@ def test_slices_and_a_merge_write_what_one_machine_writes(tmp_path, paragraphs, 
     assert "(missing 1)" in line
 
 
+@pytest.mark.slow  # starts worker processes
 def test_at_most_two_units_per_worker_are_in_flight(tmp_path):
     """The pool reads ahead of what it has handed back by a bounded number of units: memory does
     not grow with the corpus however fast the source can be read."""
