@@ -23,9 +23,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bigtrain.errors import ConfigError
-from bigtrain.data.units import Repairs, Unit, decode
 from bigtrain.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from bigtrain.data.units import Repairs, Unit, decode
+from bigtrain.errors import ConfigError
 
 IN_FLIGHT_PER_WORKER = 2  # enough to keep every worker busy while the main process writes
 

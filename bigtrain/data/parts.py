@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bigtrain.errors import ConfigError
 from bigtrain.data.manifest import FORMAT_VERSION
 from bigtrain.data.tokenizer import fingerprint
+from bigtrain.errors import ConfigError
 
 PART_VERSION = 1
 PART_FILE_TOKENS = 2**27  # tokens per part file; a one-machine cut deletes each once copied

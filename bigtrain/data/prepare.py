@@ -12,12 +12,14 @@ The held-out ``val`` split is the *last* ``val_fraction`` of documents (at least
 when there are two or more): splitting by document, not by token, keeps a document
 from being half trained on and half evaluated.
 
-How: the source is read as a stream of units (:mod:`bigtrain.data.sources`), tokenized by
-``workers`` processes and written in order (:mod:`bigtrain.data.encode`) into one *part*,
-which is then cut into shards (:mod:`bigtrain.data.parts`). Across machines, each SLURM
-array task writes the part of its slice (:func:`prepare_slice`) and one merge cuts them all
-(:func:`merge`): the same cut, so the same bytes as one machine. The output is the same
-for any number of workers or slices.
+How: the source (:mod:`bigtrain.data.sources`) is read as a stream of units of whole
+documents (:mod:`bigtrain.data.units`), tokenized by ``workers`` processes and written in
+order (:mod:`bigtrain.data.encode`) into one *part*, which is then cut into shards
+(:mod:`bigtrain.data.parts`). Across machines, each SLURM array task writes the part of its
+slice (:func:`prepare_slice`) and one merge cuts them all (:func:`merge`): the same cut, so
+the same bytes as one machine. The output is the same for any number of workers or slices.
+Workers are spawned processes: a script that calls :func:`prepare` needs the usual
+``if __name__ == "__main__":`` guard, as with any ``multiprocessing`` code.
 
 Nothing is written for bad input: arguments and the source are checked first, all
 output goes to ``OUT.tmp``, which is renamed to ``OUT`` only when complete.
@@ -30,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bigtrain.errors import ConfigError
 from bigtrain.data.encode import Job, default_workers, encode_units
 from bigtrain.data.parts import PartWriter, cut, read_part, read_parts
-from bigtrain.data.sources import Repairs, Source, open_source
+from bigtrain.data.sources import Source, open_source
 from bigtrain.data.tokenizer import Tokenizer, build_tokenizer, check_spec, fingerprint
+from bigtrain.data.units import Repairs
+from bigtrain.errors import ConfigError
 
 DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SHARD_TOKENS = 2**27
