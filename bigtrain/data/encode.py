@@ -98,7 +98,8 @@ def _encode(unit: Unit) -> Encoded:
 
 def encode_units(units: Iterable[Unit], job: Job, workers: int) -> Iterator[Encoded]:
     """``units`` tokenized, in their order, by ``workers`` processes (in this one when
-    ``workers`` is 1 or there is a single unit: starting processes would cost more)."""
+    ``workers`` is 1 or there is a single unit: starting processes would cost more; there the
+    Rust tokenizer's own threads follow TOKENIZERS_PARALLELISM, by default on)."""
     units = iter(units)
     head = list(islice(units, 2))
     if workers == 1 or len(head) < 2:
