@@ -8,7 +8,10 @@ library's own, serial, and not what is measured) and saved; then each measuremen
 in a fresh process that loads it from disk, as prepare's workers do, interleaved
 (tokenizer, 1 worker, N workers, tokenizer, ...) so that a busy neighbour hurts each
 alike; figures are medians of ``--repeats``. The load average is reported: on a shared
-machine wall times measure the neighbours too, so CPU seconds are reported as well.
+machine wall times measure the neighbours too, so CPU seconds are reported as well. Where
+the kernel groups processes by session (``autogroup``, reported), a session's processes
+share one fair share of the cores however many there are: with other sessions busy, N
+workers cannot be faster than one in wall time, and only the CPU figures tell.
 
 - ``tokenizer_mb_s``: the raw ``tokenizers`` rate, ``Tokenizer.encode_batch_fast`` in one
   thread (TOKENIZERS_PARALLELISM=false, as in prepare's workers, which are one thread each)
@@ -182,6 +185,8 @@ def main() -> None:
                     "seconds": {k: {f: round(v, 2) for f, v in m.items() if f != "wall_s"} for k, m in med.items()}},
             "walls_s": {k: [round(r["wall_s"], 2) for r in rs] for k, rs in runs.items()},
             "load_average": [round(x, 2) for x in load],
+            "autogroup": Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+            if Path("/proc/sys/kernel/sched_autogroup_enabled").exists() else None,
         }
         if args.memory:
             result["memory"] = memory(texts, n, tmp)
