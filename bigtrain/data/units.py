@@ -101,7 +101,8 @@ def _json_rows(unit: Unit, repairs: Repairs) -> list[str]:
         try:
             row = json.loads(repairs.decode(line, where))
         except ValueError as e:
-            raise ConfigError(f"--source {repairs.source!r}: {where} is not valid JSON ({e})") from None
+            raise ConfigError(f"--source {repairs.source!r}: {where} is not valid JSON ({e}); expected JSON Lines, "
+                              "one object per line") from None
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not (text is None or isinstance(text, str)):
             what = type(text).__name__ + " in 'text'" if isinstance(row, dict) else type(row).__name__
