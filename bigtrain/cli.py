@@ -15,10 +15,24 @@ from bigtrain.config import ConfigError
 
 
 def cmd_prepare(args) -> int:
-    from bigtrain.data.prepare import prepare, summary
-    manifest = prepare(args.source, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                       overwrite=args.overwrite, strict=args.strict)
-    print(summary(args.out, manifest))
+    from bigtrain.data import prepare as p
+    cut = {"val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, "overwrite": args.overwrite}
+    if args.slice and args.merge:
+        raise ConfigError("--slice and --merge are two steps: run the slices first, then --merge")
+    if args.slice:
+        index, _, count = args.slice.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            raise ConfigError(f"--slice {args.slice!r}: expected I/N, e.g. 3/16")
+        part = p.prepare_slice(args.source, args.tokenizer, args.out, int(index), int(count),
+                               overwrite=args.overwrite, strict=args.strict, workers=args.workers)
+        print(f"prepared slice {args.slice} of {args.source!r} into {part['path']} "
+              f"({part['documents']:,} documents, {part['tokens']:,} tokens)")
+        return 0
+    if args.merge:
+        manifest = p.merge(args.source, args.tokenizer, args.out, **cut)
+    else:
+        manifest = p.prepare(args.source, args.tokenizer, args.out, strict=args.strict, workers=args.workers, **cut)
+    print(p.summary(args.out, manifest))
     return 0
 
 
@@ -162,13 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into shards")
-    p.add_argument("--source", required=True, help="stdlib | PATH | GLOB | hf:PATH (a local dataset)")
+    p = sub.add_parser("prepare", help="tokenize a corpus into shards (on one machine, or in slices and a merge)")
+    p.add_argument("--source", required=True, help="stdlib | PATH | GLOB | DIR (of parquet/JSONL) | "
+                                                   "hf:PATH (a local dataset); .gz/.zst text and JSONL too")
     p.add_argument("--tokenizer", required=True, help="bytes | char | bpe:N | DIR")
     p.add_argument("--out", required=True)
-    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: every core this process may use)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="the last documents held out as val")
+    p.add_argument("--shard-tokens", type=int, default=2**27, help="tokens per shard file")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--strict", action="store_true", help="refuse bytes that are not UTF-8 and rows without text")
+    p.add_argument("--slice", metavar="I/N", help="tokenize only slice I of N of the source's files, into "
+                                                 "OUT.parts/ (one task of slurm/prepare.sbatch)")
+    p.add_argument("--merge", action="store_true", help="cut every slice's part in OUT.parts/ into OUT, as one "
+                                                       "machine would have written it, then remove OUT.parts")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train from a YAML config (one process, or under torchrun/deepspeed)")

@@ -22,10 +22,9 @@ import os
 import string
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
-from bigtrain.data.prepare import open_source
+from bigtrain.data.sources import open_source
 
 DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 PROSE_CHARS = set(string.ascii_letters + string.digits + " \n.,;:'\"()-!?")
@@ -57,16 +56,15 @@ def stdlib_prose(max_chars: int = 1_000_000) -> str:
     if cache.is_file():
         return cache.read_text()
     parts, size = [], 0
-    with tempfile.TemporaryDirectory() as scratch:
-        for module in open_source("stdlib", scratch).texts():
-            for doc in docstrings(module):
-                for paragraph in filter(is_prose, (p.strip() for p in doc.split("\n\n"))):
-                    parts.append(paragraph)
-                    size += len(paragraph) + 2
-                if size >= max_chars:
-                    break
+    for module in open_source("stdlib").texts():
+        for doc in docstrings(module):
+            for paragraph in filter(is_prose, (p.strip() for p in doc.split("\n\n"))):
+                parts.append(paragraph)
+                size += len(paragraph) + 2
             if size >= max_chars:
                 break
+        if size >= max_chars:
+            break
     text = "\n\n".join(parts)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.with_suffix(".tmp").write_text(text)

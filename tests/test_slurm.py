@@ -6,8 +6,11 @@ where that is impossible the tests skip and say why.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_jsonl, tiny_overrides, torchrun, train_losses
+from helpers import REPO, fit, read_jsonl, tiny_config, tiny_overrides, torchrun, train_losses
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 STEPS = 60
@@ -44,9 +47,9 @@ def slurm(tmp_path_factory):
         subprocess.run([str(CLUSTER), "stop", str(state)], env=env, capture_output=True, timeout=120)
 
 
-def sbatch(env: dict, script: str, log: Path, args: list[str]) -> str:
+def sbatch(env: dict, script: str, log: Path, args: list[str], options: list[str] = ()) -> str:
     cpus = min(2, len(os.sched_getaffinity(0)))  # one per rank where there are two
-    out = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={cpus}", f"--output={log}",
+    out = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={cpus}", f"--output={log}", *options,
                           script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -133,6 +136,52 @@ def test_deepspeed_sbatch_runs_to_completion(slurm, prose_bytes, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()
     assert [s for s, _ in train_losses(run)] == list(range(1, 7))
     assert (run / "checkpoints" / f"step-{6:08d}").is_dir()
+
+
+@pytest.mark.slow
+def test_array_prepare_writes_what_one_machine_writes(slurm, docs_text, tmp_path):
+    """prepare.sbatch as a 3-task array (a slice of the files each) and the merge job its first task
+    submits: the prepared dir is byte for byte a one-machine prepare of the same files, and a run
+    on it trains the same losses."""
+    import zstandard
+
+    from bigtrain.cli import main
+    src = tmp_path / "src"
+    src.mkdir()
+    paragraphs = docs_text.split("\n\n")
+    for i in range(5):  # files of unequal size, so that the slices are too
+        rows = paragraphs[i * 700:(i + 1) * 700 + i * 300]
+        data = "".join(json.dumps({"text": t}) + "\n" for t in rows).encode()
+        (src / f"{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    args = ["--source", str(src / "*.jsonl.zst"), "--tokenizer", "bytes", "--val-fraction", "0.02",
+            "--shard-tokens", "40000"]
+    env = {**slurm, "BIGTRAIN_MERGE_OUTPUT": str(tmp_path / "merge.log")}
+    first = tmp_path / "slice-0.log"
+    sbatch(env, "slurm/prepare.sbatch", tmp_path / "slice-%a.log", [*args, "--out", str(tmp_path / "array")],
+           options=["--array=0-2", "--cpus-per-task=1"])
+    assert main(["prepare", *args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0  # meanwhile
+
+    def submitted() -> bool:
+        return first.exists() and "merge job" in first.read_text()
+    wait_until("the first task to submit the merge", submitted, first)
+    merge = re.search(r"merge job (\d+)", first.read_text()).group(1)
+    wait_until("the merge job to finish", lambda: finished(slurm, merge), tmp_path / "merge.log", timeout=180)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
+    info = job(slurm, merge)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
+    one, array = tmp_path / "one", tmp_path / "array"
+    assert _hashes(array) == _hashes(one) and len(_hashes(one)) > 4, logs
+    assert not (tmp_path / "array.parts").exists()
+    losses = []
+    for data in (one, array):
+        fit(tiny_config(str(data), tmp_path / f"run-{data.name}", schedule__max_steps=4))
+        losses.append(train_losses(tmp_path / f"run-{data.name}"))
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("requeue, status, requeued", [(1, 0, True), (1, 3, False), (0, 0, False), (0, 1, False)])

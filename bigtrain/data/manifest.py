@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from bigtrain.config import ConfigError
+from bigtrain.errors import ConfigError
 from bigtrain.data.tokenizer import META
 
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""``bigtrain prepare``: turn a corpus into token shards, once.
+"""``bigtrain prepare``: turn a corpus into token shards, once, on one machine or many.
 
 Output (``OUT/``)::
 
@@ -12,315 +12,166 @@ The held-out ``val`` split is the *last* ``val_fraction`` of documents (at least
 when there are two or more): splitting by document, not by token, keeps a document
 from being half trained on and half evaluated.
 
+How: the source (:mod:`bigtrain.data.sources`) is read as a stream of units of whole
+documents (:mod:`bigtrain.data.units`), tokenized by ``workers`` processes and written in
+order (:mod:`bigtrain.data.encode`) into one *part*, which is then cut into shards
+(:mod:`bigtrain.data.parts`). Across machines, each SLURM array task writes the part of its
+slice (:func:`prepare_slice`) and one merge cuts them all (:func:`merge`): the same cut, so
+the same bytes as one machine. The output is the same for any number of workers or slices.
+Workers are spawned processes: a script that calls :func:`prepare` needs the usual
+``if __name__ == "__main__":`` guard, as with any ``multiprocessing`` code.
+
 Nothing is written for bad input: arguments and the source are checked first, all
 output goes to ``OUT.tmp``, which is renamed to ``OUT`` only when complete.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
-import os
 import shutil
-import sysconfig
-import tempfile
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
-from bigtrain.config import ConfigError
-from bigtrain.data.manifest import FORMAT_VERSION
+from bigtrain.data.encode import Job, default_workers, encode_units
+from bigtrain.data.parts import PartWriter, cut, read_part, read_parts
+from bigtrain.data.sources import Source, open_source
 from bigtrain.data.tokenizer import Tokenizer, build_tokenizer, check_spec, fingerprint
+from bigtrain.data.units import Repairs
+from bigtrain.errors import ConfigError
 
-REPLACEMENT = "\ufffd"
-# The stdlib corpus: the standard library's .py files in sorted path order, up to this much
-# text. At 16 MiB it is the whole library on CPython 3.11 (~11 MB, ~670 files) and a
-# deterministic prefix on versions with a larger one; `prepare` with `bytes` takes seconds.
-STDLIB_MAX_BYTES = 16 * 2**20
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-ENCODE_BATCH_CHARS = 8 * 2**20  # text handed to the tokenizer at once: parallel, yet bounded memory
+DEFAULT_VAL_FRACTION = 0.005
+DEFAULT_SHARD_TOKENS = 2**27
+TRAINED = ("char", "bpe:")  # tokenizer specs learnt from the corpus
 
 
-@dataclass
-class Repairs:
-    """What reading the source changed: bytes that are not UTF-8 become U+FFFD, a row without
-    text becomes an empty document (nothing written). Counted per pass over the source (the
-    last, the one that writes the shards, is what the manifest records); ``strict`` refuses the
-    first one instead, naming it."""
-    source: str
-    strict: bool = False
-    replaced_chars: int = 0
-    replaced_docs: int = 0
-    dropped_rows: int = 0
-
-    def start(self) -> None:
-        self.replaced_chars = self.replaced_docs = self.dropped_rows = 0
-
-    def decode(self, data: bytes, where: str) -> str:
-        text = data.decode("utf-8", errors="replace")
-        # the source's own U+FFFD characters are valid UTF-8 (EF BF BD) and not a repair
-        replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode())
-        if replaced:
-            self._refuse(f"{where} is not valid UTF-8 ({replaced} undecodable byte sequences)")
-            self.replaced_chars += replaced
-            self.replaced_docs += 1
-        return text
-
-    def drop(self, where: str) -> str:
-        self._refuse(f"{where} has no text")
-        self.dropped_rows += 1
-        return ""
-
-    def _refuse(self, problem: str) -> None:
-        if self.strict:
-            raise ConfigError(f"--source {self.source!r}: {problem}; --strict refuses it, nothing was written")
-
-    def to_dict(self) -> dict:
-        return {"replaced_chars": self.replaced_chars, "replaced_docs": self.replaced_docs,
-                "dropped_rows": self.dropped_rows}
+def prepare(source: str, tokenizer: str, out: str, val_fraction: float = DEFAULT_VAL_FRACTION,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False, strict: bool = False,
+            workers: int | None = None) -> dict:
+    """Tokenize ``source`` with ``tokenizer`` into shards under ``out`` with ``workers`` processes
+    (default: every core); returns the manifest. ``strict``: refuse a source that is not UTF-8
+    or has rows without text, writing nothing."""
+    _check_cut(val_fraction, shard_tokens)
+    workers = _check_workers(workers)
+    check_spec(tokenizer)
+    src = open_source(source, strict)
+    with _committed(Path(out), overwrite) as tmp:
+        tok = build_tokenizer(tokenizer, src.texts)
+        part = tmp / "part"
+        part.mkdir()
+        write_part(src, tok, part, 0, 1, workers)
+        manifest = cut(read_parts([part]), tmp, val_fraction, shard_tokens, consume=True)
+        shutil.rmtree(part)
+    return manifest
 
 
-@dataclass
-class Corpus:
-    """An ordered, re-iterable sequence of documents whose count is known up front."""
-    count: int
-    texts: Callable[[], Iterator[str]]
-    repairs: Repairs
+def parts_dir(out: str | Path) -> Path:
+    """Where the slices of ``out`` put their parts: ``OUT.parts/part-I-of-N``."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
 
 
-def _text_files(paths: list[str], repairs: Repairs) -> Corpus:
-    def texts() -> Iterator[str]:
-        repairs.start()
-        for p in paths:
-            yield repairs.decode(Path(p).read_bytes(), p)
-    return Corpus(len(paths), texts, repairs)
+def prepare_slice(source: str, tokenizer: str, out: str, index: int, count: int, overwrite: bool = False,
+                  strict: bool = False, workers: int | None = None) -> dict:
+    """Tokenize slice ``index`` of ``count`` of ``source`` into its part under ``OUT.parts`` (one
+    SLURM array task's share; :func:`merge` cuts the parts into ``out``). A part that this same
+    slice already wrote is kept (a rerun array redoes only the slices that failed), unless
+    ``overwrite``. Returns the part's part.json, with its ``path``."""
+    if not 0 <= index < count:
+        raise ConfigError(f"--slice {index}/{count}: expected I/N with 0 <= I < N")
+    if tokenizer.startswith(TRAINED):
+        raise ConfigError(f"--tokenizer {tokenizer!r} is learnt from the corpus, which one slice cannot see; "
+                          "train it once (a one-machine prepare, of a sample if need be) and pass its "
+                          "OUT/tokenizer dir to every slice")
+    workers = _check_workers(workers)
+    check_spec(tokenizer)
+    src = open_source(source, strict)
+    part = parts_dir(out) / f"part-{index:05d}-of-{count:05d}"
+    start, stop = src.slice(index, count)
+    if part.is_dir() and not overwrite:
+        done, mine = read_part(part), {"source": src.name, "strict": src.strict, "slice": [index, count],
+                                       "items": [start, stop], "items_sha256": src.fingerprint()}
+        if {k: done[k] for k in mine} == mine and done["tokenizer"]["spec"] == tokenizer:
+            return done
+        raise ConfigError(f"--slice {index}/{count}: {str(part)!r} holds a part of another prepare; "
+                          "pass --overwrite to replace it")
+    with _committed(part, overwrite) as tmp:
+        write_part(src, build_tokenizer(tokenizer, src.texts), tmp, index, count, workers)
+    return read_part(part)
 
 
-def _stdlib_files() -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
-        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
-    chosen, total = [], 0
-    for p in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
-        size = p.stat().st_size
-        if total + size > STDLIB_MAX_BYTES:
-            break
-        chosen.append(str(p))
-        total += size
-    return chosen
+def merge(source: str, tokenizer: str, out: str, val_fraction: float = DEFAULT_VAL_FRACTION,
+          shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False) -> dict:
+    """Cut the parts under ``OUT.parts`` (every slice's, :func:`prepare_slice`) into the prepared
+    dir ``out``: the shards and manifest a one-machine :func:`prepare` of the same source and
+    tokenizer writes. The parts are removed once ``out`` is complete."""
+    _check_cut(val_fraction, shard_tokens)
+    found = sorted(p for p in parts_dir(out).glob("part-*-of-*") if p.suffix != ".tmp")
+    if not found:
+        raise ConfigError(f"--merge: no parts in {str(parts_dir(out))!r}; run the `--slice I/N` steps first")
+    parts = read_parts(found)
+    for key, given in (("source", source), ("tokenizer", tokenizer)):
+        recorded = parts[0][key]["spec"] if key == "tokenizer" else parts[0][key]
+        if recorded != given:
+            raise ConfigError(f"--merge: the parts in {str(parts_dir(out))!r} were made with --{key} {recorded!r}, "
+                              f"not {given!r}")
+    with _committed(Path(out), overwrite) as tmp:
+        manifest = cut(parts, tmp, val_fraction, shard_tokens)
+    shutil.rmtree(parts_dir(out))
+    return manifest
 
 
-def _dataset_corpus(ds, source: str, repairs: Repairs) -> Corpus:
-    if "text" not in ds.column_names:
-        raise ConfigError(f"--source {source!r}: no 'text' column (columns: {', '.join(ds.column_names)})")
-    ds = ds.select_columns(["text"])
-
-    def texts() -> Iterator[str]:
-        repairs.start()
-        row = 0
-        for batch in ds.iter(batch_size=1024):
-            for t in batch["text"]:
-                if t is not None and not isinstance(t, str):
-                    raise ConfigError(f"--source {source!r}: 'text' holds {type(t).__name__}, expected strings")
-                yield repairs.drop(f"row {row} (from 0)") if t is None else t
-                row += 1
-    return Corpus(len(ds), texts, repairs)
-
-
-def _saved_dataset(path: str, source: str, repairs: Repairs) -> Corpus:
-    import datasets
-    ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise ConfigError(f"--source {source!r}: a DatasetDict without a 'train' split ({', '.join(ds)})")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return _dataset_corpus(ds, source, repairs)
+def write_part(src: Source, tok: Tokenizer, part: Path, index: int, count: int, workers: int) -> dict:
+    """Tokenize slice ``index`` of ``count`` of ``src`` with ``workers`` processes into the
+    existing, empty dir ``part``; returns its part.json."""
+    start, stop = src.slice(index, count)
+    tok.save(part / "tokenizer")
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32).newbyteorder("<")
+    job = Job(src.name, src.strict, str(part / "tokenizer"), tok.kind, tok.spec, dtype.name)
+    writer, repairs = PartWriter(part, dtype), Repairs(src.name)
+    for encoded in encode_units(src.units(start, stop), job, workers):
+        writer.add(encoded.tokens, encoded.lengths)
+        repairs.add(encoded.repairs)
+    return writer.close({
+        "source": src.name, "strict": src.strict, "slice": [index, count], "items": [start, stop],
+        "items_total": len(src.items), "items_sha256": src.fingerprint(),
+        "tokenizer": {"kind": tok.kind, "spec": tok.spec, "sha256": fingerprint(part / "tokenizer")},
+        "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name, "repairs": repairs.to_dict(),
+    })
 
 
-def _data_files(files: list[str], fmt: str, source: str, cache: str, repairs: Repairs) -> Corpus:
-    import datasets
-    datasets.disable_progress_bars()  # bars on stderr would bury prepare's one line (or its one-line error)
-    try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache)
-    except Exception as e:  # datasets raises many kinds; all mean "this file is not what it claims"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--source {source!r}: cannot read the files as {fmt} ({reason})") from None
-    return _dataset_corpus(ds, source, repairs)
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
-
-
-def open_source(source: str, cache: str, strict: bool = False) -> Corpus:
-    """The documents ``--source`` names; ``cache`` is a scratch dir for ``datasets``;
-    ``strict`` refuses undecodable bytes and rows without text (:class:`Repairs`)."""
-    repairs = Repairs(source, strict)
-    if source == "stdlib":
-        return _text_files(_stdlib_files(), repairs)
-    if source.startswith("hf:"):
-        path = Path(source[3:])
-        if not _is_saved_dataset(path):
-            raise ConfigError(f"--source {source!r}: no local dataset saved with save_to_disk at {str(path)!r}; "
-                              "prepare does no network download, so pass a local path instead")
-        return _saved_dataset(str(path), source, repairs)
-    if _is_saved_dataset(Path(source)):
-        return _saved_dataset(source, source, repairs)
-    if Path(source).is_dir():
-        raise ConfigError(f"--source {source!r} is a directory; pass a glob such as '{source}/**/*.txt'")
-    if Path(source).is_file():
-        files = [source]
-    elif glob.has_magic(source):
-        files = sorted(p for p in glob.glob(source, recursive=True) if Path(p).is_file())
-    else:
-        files = []
-    if not files:
-        raise ConfigError(f"--source {source!r} matches no files")
-    formats = {DATA_FORMATS.get(Path(f).suffix.lower(), "text") for f in files}
-    if len(formats) > 1:
-        raise ConfigError(f"--source {source!r} mixes file kinds ({', '.join(sorted(formats))}); use one kind")
-    fmt = formats.pop()
-    return _text_files(files, repairs) if fmt == "text" else _data_files(files, fmt, source, cache, repairs)
-
-
-class ShardWriter:
-    """Appends tokens to ``SPLIT-NNNNN.bin`` files of ``shard_tokens`` each, hashing as it writes."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self.documents = 0
-        self._file = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._file is None:
-                name = f"{self.split}-{len(self.shards):05d}.bin"
-                self._file, self._hash = open(self.directory / name, "wb"), hashlib.sha256()
-                self.shards.append({"file": name, "tokens": 0, "sha256": ""})
-            shard = self.shards[-1]
-            head = tokens[: self.shard_tokens - shard["tokens"]]
-            data = head.tobytes()
-            self._file.write(data)
-            self._hash.update(data)
-            shard["tokens"] += len(head)
-            tokens = tokens[len(head):]
-            if shard["tokens"] == self.shard_tokens:
-                self._finish()
-
-    def _finish(self) -> None:
-        self._file.close()
-        self.shards[-1]["sha256"] = self._hash.hexdigest()
-        self._file = None
-
-    def close(self) -> dict:
-        if self._file is not None:
-            self._finish()
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents}
-
-
-def _encode_into(corpus: Corpus, tok: Tokenizer, writers: list[ShardWriter], n_train: int) -> None:
-    """Stream documents through the tokenizer in batches; documents ``>= n_train`` go to ``writers[1]``."""
-    batch: list[str] = []
-    size = index = 0
-
-    def flush() -> None:
-        nonlocal index
-        try:
-            encoded = tok.encode_batch(batch)
-        except Exception as e:  # `tokenizers` raises a bare Exception (e.g. a char outside a WordLevel vocab)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"--source {corpus.repairs.source!r}: the tokenizer cannot encode it "
-                              f"({reason})") from None
-        for ids in encoded:
-            writer = writers[0] if index < n_train else writers[1]
-            index += 1
-            if ids:  # an empty document adds nothing, not even a separator
-                writer.write(np.append(np.asarray(ids, dtype=np.int64), tok.eot_id))
-                writer.documents += 1
-        batch.clear()
-
-    for text in corpus.texts():
-        batch.append(text)
-        size += len(text)
-        if size >= ENCODE_BATCH_CHARS:
-            flush()
-            size = 0
-    flush()
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass overwrite to replace it")
-
-
-def prepare(source: str, tokenizer: str, out: str, val_fraction: float = 0.005,
-            shard_tokens: int = 2**27, overwrite: bool = False, strict: bool = False) -> dict:
-    """Tokenize ``source`` with ``tokenizer`` into shards under ``out``; returns the manifest.
-    ``strict``: refuse a source that is not UTF-8 or has rows without text, writing nothing."""
+def _check_cut(val_fraction: float, shard_tokens: int) -> None:
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
     if shard_tokens < 1:
         raise ConfigError(f"shard_tokens={shard_tokens}: expected a positive number of tokens per shard")
-    check_spec(tokenizer)
-    out_path = Path(out)
-    _check_out(out_path, overwrite)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tempfile.TemporaryDirectory(prefix="bigtrain-prepare-") as cache:
-        corpus = open_source(source, cache, strict)
-        if corpus.count == 0:
-            raise ConfigError(f"--source {source!r} holds no documents")
-        tok = build_tokenizer(tokenizer, corpus.texts)
+
+
+def _check_workers(workers: int | None) -> int:
+    if workers is None:
+        return default_workers()
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: expected at least 1 process")
+    return workers
+
+
+@contextmanager
+def _committed(out: Path, overwrite: bool):
+    """A fresh ``OUT.tmp`` to write into, renamed to ``out`` only if the block completes."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass overwrite to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            manifest = _write(tmp, source, corpus, tok, val_fraction, shard_tokens)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    tmp.rename(out_path)
-    return manifest
-
-
-def _write(tmp: Path, source: str, corpus: Corpus, tok: Tokenizer, val_fraction: float, shard_tokens: int) -> dict:
-    n_val = 0
-    if val_fraction > 0 and corpus.count >= 2:
-        n_val = min(corpus.count - 1, max(1, round(corpus.count * val_fraction)))
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32).newbyteorder("<")
-    writers = [ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")]
-    _encode_into(corpus, tok, writers, corpus.count - n_val)
-    splits = {w.split: w.close() for w in writers}
-    if splits["train"]["tokens"] == 0:
-        raise ConfigError(f"--source {source!r}: the corpus is empty (no text in the training documents)")
-    if splits["val"]["tokens"] == 0:
-        del splits["val"]
-    tok.save(tmp / "tokenizer")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"kind": tok.kind, "spec": tok.spec, "dir": "tokenizer",
-                      "sha256": fingerprint(tmp / "tokenizer")},
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "dtype": dtype.name,
-        "splits": splits,
-        "source": source,
-        "documents": corpus.count,
-        "repairs": corpus.repairs.to_dict(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def summary(out: str, manifest: dict) -> str:

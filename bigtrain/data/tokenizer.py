@@ -22,10 +22,11 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-from bigtrain.config import ConfigError
+from bigtrain.errors import ConfigError
 
 EOT = "<|endoftext|>"
 META = "bigtrain_tokenizer.json"
@@ -42,8 +43,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Many documents at once; the Rust-backed tokenizers override it to run in parallel."""
+    def encode_batch(self, texts: Sequence[str]) -> Sequence[Sequence[int]]:
+        """Many documents at once (what ``prepare`` calls): lists of ids, or integer numpy arrays
+        where that is faster; the Rust-backed tokenizers override it to run in parallel."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -104,6 +106,9 @@ class BytesTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]  # no list of ints per byte
 
     def decode(self, ids: Iterable[int]) -> str:
         # Bytes accumulate until a separator or a foreign id, so multi-byte characters survive.
@@ -191,7 +196,8 @@ class BPETokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        # _fast: the same ids without character offsets, which nothing here needs
+        return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         ok = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
