@@ -79,13 +79,15 @@ class Trainer:
 
         if cfg.parallel.deterministic:
             torch.use_deterministic_algorithms(True)
-        seed_everything(cfg.seed)  # same init on every rank
-        self.model = GPT(cfg.model)
+        seed_everything(cfg.seed)
+        with torch.device("meta"):  # no storage: the backend materialises this rank's shards (model/init.py)
+            self.model = GPT(cfg.model)
         # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
         n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
         self.flops_per_token = self.model.flops_per_token()
         torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
-        self.backend = build_backend(self.model, cfg, env)
+        self.backend = build_backend(self.model, cfg, env)  # initial weights: seeded per parameter by cfg.seed
+        self.model = self.backend.raw_model  # ZeRO-3 rebuilds it, partitioned
 
         self.state = TrainState()
         self.order = run_order(cfg, self.data, self.train_split)
