@@ -90,6 +90,16 @@ def materialize(model: GPT, tensor_for: TensorFor, device: torch.device | str | 
     model.init_buffers()
 
 
+def on_device(model: GPT, cfg: Config, device: torch.device) -> GPT:
+    """``model`` whole on ``device`` with its initial weights, for the backends that keep every
+    parameter on every rank: a model on ``meta`` is materialised there from
+    :func:`initial_weights`; one built whole already (tests, tools) is moved as it is."""
+    if is_meta(model):
+        materialize(model, initial_weights(cfg, model), device)
+        return model
+    return model.to(device)
+
+
 def _full(name: str, param: torch.Tensor, tensor_for: TensorFor) -> torch.Tensor:
     value = tensor_for(name, param)
     if tuple(value.shape) != tuple(param.shape):
@@ -121,12 +131,3 @@ def _local_box(param) -> tuple[slice, ...]:
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
-
-def on_device(model: GPT, cfg: Config, device: torch.device) -> GPT:
-    """``model`` whole on ``device`` with its initial weights, for the backends that keep every
-    parameter on every rank: a model on ``meta`` is materialised there from
-    :func:`initial_weights`; one built whole already (tests, tools) is moved as it is."""
-    if is_meta(model):
-        materialize(model, initial_weights(cfg, model), device)
-        return model
-    return model.to(device)
