@@ -24,7 +24,7 @@ from init_worker import SEED, STYLES, config
 
 WORKER = str(Path(__file__).resolve().parent / "init_worker.py")
 CPU = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-SPECS = ["fsdp", "deepspeed2", "deepspeed3"]
+SPECS = ["fsdp", "deepspeed3", "deepspeed2"]  # ZeRO-3 first: its init must not rely on an earlier engine
 
 
 def tiny(**kw) -> ModelConfig:

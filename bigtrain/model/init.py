@@ -34,7 +34,10 @@ from bigtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from bigtrain.config import Config
-    from bigtrain.model.gpt import GPT
+
+# ``model`` below is a bigtrain.model.gpt.GPT (not imported: gpt.py imports this module); besides
+# its parameters this module uses its initial_value(name, shape, generator), tie_weights() and
+# init_buffers().
 
 # tensor_for(name, param) -> the parameter's full value: fp32, on the CPU, of shape
 # ``param.shape`` (the global shape, also for a DTensor shard; ``name`` as in
@@ -49,7 +52,7 @@ def param_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") >> 1  # torch seeds are at most 2**63 - 1 here
 
 
-def seeded(model: GPT, seed: int) -> TensorFor:
+def seeded(model: nn.Module, seed: int) -> TensorFor:
     """The project's init as a source: ``model.initial_value(name, shape, generator)`` with a
     fresh CPU generator seeded by :func:`param_seed` for each parameter."""
     def tensor_for(name: str, param: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,7 @@ def seeded(model: GPT, seed: int) -> TensorFor:
     return tensor_for
 
 
-def initial_weights(cfg: Config, model: GPT) -> TensorFor:
+def initial_weights(cfg: Config, model: nn.Module) -> TensorFor:
     """Where a run's initial weights come from: the seeded init at ``cfg.seed``."""
     return seeded(model, cfg.seed)
 
@@ -69,7 +72,7 @@ def is_meta(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def materialize(model: GPT, tensor_for: TensorFor, device: torch.device | str | None = None) -> None:
+def materialize(model: nn.Module, tensor_for: TensorFor, device: torch.device | str | None = None) -> None:
     """Fill ``model``'s parameters in place from ``tensor_for``, this rank's part of each.
 
     A model on ``meta`` first gets (uninitialised) storage on ``device``, through
@@ -90,7 +93,7 @@ def materialize(model: GPT, tensor_for: TensorFor, device: torch.device | str | 
     model.init_buffers()
 
 
-def on_device(model: GPT, cfg: Config, device: torch.device) -> GPT:
+def on_device(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """``model`` whole on ``device`` with its initial weights, for the backends that keep every
     parameter on every rank: a model on ``meta`` is materialised there from
     :func:`initial_weights`; one built whole already (tests, tools) is moved as it is."""

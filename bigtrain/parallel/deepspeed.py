@@ -108,6 +108,9 @@ class DeepSpeedBackend(Backend):
         if cfg.parallel.zero_stage == 3 and is_meta(model):
             # Built for real, partitioned module by module; its construction-time init
             # (nn.Linear's own) is overwritten below, so it must not move the dropout RNG.
+            # zero.Init reads the world size from DeepSpeed's view of our process group.
+            from deepspeed.accelerator import get_accelerator
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
             with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
                     deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = GPT(model.cfg, init=False)
