@@ -6,7 +6,8 @@ and only then are the weights written, by :func:`materialize`, one parameter at 
 time: the *source* (``tensor_for(name, param)``) gives the parameter whole, as a fp32
 CPU tensor, and the rank copies in the part it holds and drops the rest. A rank's
 peak host memory while building is therefore its own shards plus the largest single
-parameter, not the whole model (``bench/init.py`` measures it).
+parameter (ZeRO-3: plus it once more, gathered), not the whole model (``bench/init.py``
+measures it).
 
 The default source is :func:`seeded`: parameter ``name`` is drawn by the model's own
 rule (:meth:`GPT.initial_value`) from a CPU ``torch.Generator`` seeded by
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 # tensor_for(name, param) -> the parameter's full value: fp32, on the CPU, of shape
 # ``param.shape`` (the global shape, also for a DTensor shard; ``name`` as in
 # ``model.named_parameters()``; a tied weight is asked for once, under its first name).
+# Called once per parameter on every rank (ZeRO-3: on rank 0 only), in any order.
 TensorFor = Callable[[str, torch.Tensor], torch.Tensor]
 
 
