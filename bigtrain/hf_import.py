@@ -12,8 +12,8 @@ and safetensors) is taken in three steps, each where the run already does that k
    ``bigtrain prepare --tokenizer DIR`` takes.
 3. Building the model: :class:`HFWeights` is a *source*, ``name -> the full fp32 tensor of
    one of our parameters``, reading the safetensors lazily, one tensor at a time; it is
-   what sharded initialisation needs to materialise each rank's shards. Until then
-   :func:`load_weights` fills the whole model before the backend wraps it.
+   what sharded initialisation (bigtrain/model/init.py, ``initial_weights``) materialises
+   each rank's shards from, on every backend.
 
 The names and layouts are :func:`bigtrain.hf_format.hf_places`, the table ``bigtrain
 export`` writes with, so HF -> bigtrain -> ``bigtrain export`` is bitwise the identity.
@@ -83,17 +83,6 @@ class HFWeights:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, source) -> None:
-    """Copy ``source(name)`` into every parameter of a whole (unsharded) model. A tied head is one
-    parameter (``named_parameters`` lists it once, as the embedding)."""
-    for name, param in model.named_parameters():
-        tensor = source(name)
-        if tensor.shape != param.shape:
-            raise ConfigError(f"model.init_from: {name} has shape {tuple(tensor.shape)} in the weights, "
-                              f"{tuple(param.shape)} in the model their config.json describes")
-        param.copy_(tensor)
-
-
 def open_weights(cfg, data) -> HFWeights:
     """``model.init_from``'s weights, checked against their config and ``data`` before the run
     writes anything (only the safetensors headers are read)."""

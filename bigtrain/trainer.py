@@ -28,7 +28,7 @@ from bigtrain.evaluation import Evaluator
 from bigtrain.ema import attach_ema
 from bigtrain.faults import Faults
 from bigtrain.health import Health
-from bigtrain.hf_import import load_weights, open_weights
+from bigtrain.hf_import import open_weights
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger
 from bigtrain.model.gpt import GPT
@@ -79,7 +79,8 @@ class Trainer:
         self.cfg, self.env = cfg, env
         check_world(cfg, env.world)
         self.data, self.train_split, self.val_split = splits or open_splits(cfg)
-        self.weights = open_weights(cfg, self.data) if cfg.model.init_from else None  # checked before any write
+        if cfg.model.init_from:  # the weights and the data checked against each other before any write
+            open_weights(cfg, self.data)
         if cfg.model.vocab_size != self.data.vocab_size:
             raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size} does not match "
                               f"the data's tokenizer ({self.data.vocab_size}); use vocab_size: auto")
@@ -91,15 +92,15 @@ class Trainer:
 
         if cfg.parallel.deterministic:
             torch.use_deterministic_algorithms(True)
-        seed_everything(cfg.seed)  # same init on every rank
-        self.model = GPT(cfg.model)
-        if self.weights is not None:  # continued pretraining: the Hugging Face weights replace the init
-            load_weights(self.model, self.weights)
+        seed_everything(cfg.seed)
+        with torch.device("meta"):  # no storage: the backend materialises this rank's shards (model/init.py)
+            self.model = GPT(cfg.model)
         # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
         n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
         self.flops_per_token = self.model.flops_per_token()
         torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
-        self.backend = build_backend(self.model, cfg, env)
+        self.backend = build_backend(self.model, cfg, env)  # initial weights: model/init.py's initial_weights
+        self.model = self.backend.raw_model  # ZeRO-3 rebuilds it, partitioned
         self.ema = attach_ema(self.backend, cfg.ema, env.device)  # None unless ema.decay > 0
         self.evaluator = Evaluator(cfg, env, self.backend, self.val_split)
 

@@ -101,9 +101,9 @@ def test_final_parameters_identical_on_ranks_and_equal_to_one_process(runs, run)
     records = ranks(runs, run)
     assert all(r["final"] == records[0]["final"] for r in records)  # bit-identical across ranks
     rel = tolerance(run)
-    for name, values in ref["final"].items():
+    for name, values in ref["final"].items():  # atol: Adam amplifies fp reordering on ~0 grads (test_train)
         torch.testing.assert_close(torch.tensor(records[0]["final"][name]), torch.tensor(values),
-                                   rtol=rel, atol=rel / 10, msg=lambda m: f"{run} {name}: {m}")
+                                   rtol=rel, atol=max(rel / 10, 3e-5), msg=lambda m: f"{run} {name}: {m}")
 
 
 @pytest.mark.parametrize("run", [REFERENCE] + RUNS)

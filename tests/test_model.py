@@ -94,6 +94,8 @@ def test_init_after_meta_and_to_empty_gives_a_working_model():
     model.init_weights()
     assert model.lm_head.weight is model.tok_emb.weight  # to_empty unties; init_weights re-ties
     assert model.num_params() == reference.num_params()
+    # the same seed (torch.initial_seed()) and a per-parameter draw: bitwise the eager model
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert torch.equal(model.rope_cos, reference.rope_cos) and torch.equal(model.rope_sin, reference.rope_sin)
     assert "rope_cos" not in model.state_dict()
     for b in model.blocks:

@@ -15,11 +15,13 @@ def losses(run_dir) -> list[float]:
 
 
 def test_short_run_learns_well_below_uniform(prose_char, tmp_path):
-    """Char-level prose: train and val loss fall far below ln(vocab)."""
+    """Char-level prose: train and val loss fall far below ln(vocab). The guard is off: at this
+    lr most init draws spike once near the end of warmup (and recover), which the guard, with no
+    checkpoint to roll back to, would turn into an abort; it has tests of its own."""
     cfg = tiny_config(prose_char, tmp_path, model__d_model=96, model__n_head=4, model__n_layer=2,
                       model__seq_len=64, batch__global_size=16, batch__micro_size=16, optim__lr=3e-3,
                       schedule__warmup_steps=10, schedule__max_steps=150, logging__every=10,
-                      eval__batches=4, parallel__precision="bf16")
+                      eval__batches=4, parallel__precision="bf16", stability__enabled=False)
     trainer = fit(cfg)
     uniform = math.log(cfg.model.vocab_size)
     train = losses(tmp_path)

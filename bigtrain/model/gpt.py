@@ -14,10 +14,10 @@ combinations are bit-for-bit the Hugging Face architectures we export to:
 GELU, GPT-2's "gelu_new") and ``rmsnorm + swiglu + rope + no bias`` is
 ``LlamaForCausalLM`` (hence HF's rotate-half RoPE convention).
 
-Nothing distributed lives here: FSDP/DeepSpeed wrap this module from outside,
-and the init is a re-runnable method (``init_weights()``), so a model built on
-``meta`` and materialised with ``to_empty`` could be initialised in place (today
-every rank builds it whole, then shards it); the loss is a free function returning sums.
+Nothing distributed lives here: FSDP/DeepSpeed wrap this module from outside. The
+init is a rule per parameter (:meth:`GPT.initial_value`) that
+:mod:`bigtrain.model.init` applies, so a run builds this model on ``meta`` and each
+rank materialises only its own shards; the loss is a free function returning sums.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from bigtrain.config import ModelConfig
 from bigtrain.model.doc_mask import Documents, attend, find_documents
+from bigtrain.model.init import materialize, seeded
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -140,9 +141,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The language model: token ids [B, T] in, logits [B, T, vocab] out (no loss inside)."""
+    """The language model: token ids [B, T] in, logits [B, T, vocab] out (no loss inside).
 
-    def __init__(self, cfg: ModelConfig):
+    Built on a real device it is initialised at once (:meth:`init_weights`); built on
+    ``meta``, or with ``init=False`` (DeepSpeed ZeRO-3 partitions it while it is built), it
+    waits for :func:`bigtrain.model.init.materialize`.
+    """
+
+    def __init__(self, cfg: ModelConfig, init: bool = True):
         super().__init__()
         if not isinstance(cfg.vocab_size, int):
             raise ValueError("model.vocab_size is 'auto': resolve it from the prepared data's manifest "
@@ -166,32 +172,46 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
-        self.init_weights()
+        if init and not self.tok_emb.weight.is_meta:
+            self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """The project's init: Linear/Embedding weights N(0, init_std), the two residual-stream
-        writers (``attn.proj``, ``mlp.proj``) N(0, init_std / sqrt(2 * n_layer)) so the residual's
-        variance does not grow with depth (GPT-2), biases zero, norm weights one.
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise in place with the seeded per-parameter init at ``seed`` (None:
+        ``torch.initial_seed()``, the seed last given to ``torch.manual_seed``, so that
+        ``torch.manual_seed(s); GPT(cfg)`` is the model a run with ``seed: s`` starts from).
+        Works on a model built on ``meta`` and moved with ``to_empty`` too."""
+        materialize(self, seeded(self, torch.initial_seed() if seed is None else seed))
 
-        Only in-place ops, so it also initialises a model built on ``meta`` and then
-        ``to_empty(device=...)``; the rope tables (not parameters) are refilled for the same reason.
-        A plain ``to_empty`` gives the tied head its own storage, so the tie is restored first
-        (a no-op when it held, e.g. under FSDP2's ``fully_shard``).
+    def initial_value(self, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """Parameter ``name`` as the project's init draws it: whole, fp32, on the CPU.
+
+        Linear and Embedding weights N(0, init_std); the two residual-stream writers
+        (``attn.proj``, ``mlp.proj``) N(0, init_std / sqrt(2 * n_layer)) so the residual's
+        variance does not grow with depth (GPT-2); biases zero; norm weights one.
         """
+        owner, _, kind = name.rpartition(".")
+        module = self.get_submodule(owner)
+        if kind == "bias":
+            return torch.zeros(shape)
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            return torch.ones(shape)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise TypeError(f"no init rule for {name} ({type(module).__name__})")
+        std = self.cfg.init_std
+        if owner.endswith(("attn.proj", "mlp.proj")):
+            std /= math.sqrt(2 * self.cfg.n_layer)
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    def tie_weights(self) -> None:
+        """Share the token table with the head (``tie_embeddings``); a plain ``to_empty`` gives
+        each its own storage, FSDP2 and ZeRO-3 keep the tie."""
         if self.cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(module.weight)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the buffers that are not parameters (the RoPE tables): derived from the
+        config, never saved, and garbage after ``to_empty``."""
         if self.rope_cos is not None:
             cos, sin = rope_cos_sin(self.cfg, self.rope_cos.device)
             self.rope_cos.copy_(cos)

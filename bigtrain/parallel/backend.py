@@ -13,6 +13,7 @@ import torch
 
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT
+from bigtrain.model.init import on_device
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel.base import Backend, StepStats, prepare_blocks
 from bigtrain.parallel.deepspeed import DeepSpeedBackend
@@ -29,7 +30,7 @@ class LocalBackend(Backend):
     name = "none"
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
-        super().__init__(model.to(env.device), cfg, env)
+        super().__init__(on_device(model, cfg, env.device), cfg, env)
         prepare_blocks(model, cfg)
         self.optimizer = build_optimizer(self.raw_model, cfg)
 

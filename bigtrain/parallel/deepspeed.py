@@ -29,6 +29,16 @@ boundary). Ours is different, and the mapping is:
   buffers by its own code; parameters, Adam moments and the Adam step count are
   untouched.
 
+Initialisation: a model on ``meta`` (as the trainer builds it) is, at ZeRO-1/2, made
+whole on the device from :func:`~bigtrain.model.init.initial_weights` (these stages keep
+whole parameters on every rank); at ZeRO-3 it is rebuilt under DeepSpeed's
+``zero.Init``, which partitions each module as soon as it is built (at most one
+module whole on a rank), and each parameter is then written through
+``GatheredParameters`` (DeepSpeed's documented way to change a ZeRO-3 parameter), one
+at a time. Either way the weights are bitwise those of the single-process run in fp32;
+with bf16 DeepSpeed keeps bf16 weights and derives its fp32 master copy from them (as
+it did when handed a whole fp32 model).
+
 Capabilities: its checkpoints are DeepSpeed's own files, loadable only at the
 same world size; gradients live in ZeRO's partition buffers, not in ``.grad``; no
 async save.
@@ -46,6 +56,7 @@ import torch
 from bigtrain.config import Config, ConfigError
 from bigtrain.ema import load_partitions, save_partitions
 from bigtrain.model.gpt import GPT
+from bigtrain.model.init import initial_weights, is_meta, materialize, on_device
 from bigtrain.optim import param_groups, set_lr
 from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
@@ -94,11 +105,23 @@ class DeepSpeedBackend(Backend):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if env.device.type == "cpu" else "cuda")
         import deepspeed
 
-        model = model.to(env.device)
+        ds_config = deepspeed_config(cfg, env.world)
+        if cfg.parallel.zero_stage == 3 and is_meta(model):
+            # Built for real, partitioned module by module; its construction-time init
+            # (nn.Linear's own) is overwritten below, so it must not move the dropout RNG.
+            # zero.Init reads the world size from DeepSpeed's view of our process group.
+            from deepspeed.accelerator import get_accelerator
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+            with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
+                    deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = GPT(model.cfg, init=False)
+            materialize(model, initial_weights(cfg, model))
+        else:
+            model = on_device(model, cfg, env.device)
         prepare_blocks(model, cfg)
         o = cfg.optim
         engine, *_ = deepspeed.initialize(
-            model=model, config=deepspeed_config(cfg, env.world),
+            model=model, config=ds_config,
             model_parameters=param_groups(model, o.weight_decay, o.decay_embeddings))
         super().__init__(model, cfg, env)
         self.engine = self.model = engine

@@ -15,9 +15,13 @@ Gradients are reduce-scattered after every micro-batch, as torchtitan does:
 accumulating without sync would hold the whole model's unsharded gradients on
 every rank, which is the memory FSDP exists to save. FSDP averages over ranks;
 each rank's loss is already the token mean of its own equal share of the
-global batch, so the average is the global token-weighted mean. The model is
-built whole (same seed on every rank) and then sharded, so the sharded run
-starts from exactly the single-process weights.
+global batch, so the average is the global token-weighted mean.
+
+Initialisation: the trainer builds the model on ``meta``; it is sharded there (no
+memory) and only then materialised, each rank writing its own shards of each
+parameter (:mod:`bigtrain.model.init`), so a rank never holds the whole model and the
+sharded run starts from bitwise the single-process weights. A model built whole
+(tests, tools) is moved to the device and sharded as it is.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT
+from bigtrain.model.init import initial_weights, is_meta, materialize
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
@@ -39,7 +44,9 @@ class FSDPBackend(Backend):
     name = "fsdp"
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
-        model = model.to(env.device)
+        deferred = is_meta(model)
+        if not deferred:
+            model = model.to(env.device)
         prepare_blocks(model, cfg)
         p = cfg.parallel
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -48,6 +55,8 @@ class FSDPBackend(Backend):
         for i, block in enumerate(model.blocks):
             fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward and i < last)
         fully_shard(model, mp_policy=mp)  # the root: FSDP keeps it gathered from forward to backward
+        if deferred:  # storage for this rank's shards only, then their values
+            materialize(model, initial_weights(cfg, model), env.device)
         super().__init__(model, cfg, env)
         self.optimizer = build_optimizer(model, cfg)
 
