@@ -198,4 +198,4 @@ def test_weights_that_do_not_fit_their_config_are_one_line(hf_dirs, hf_data, tmp
     tensors["transformer.h.1.mlp.c_fc.bias"] = tensors["transformer.h.0.mlp.c_fc.bias"][:7].clone()  # wrong shape
     save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
     assert train(tmp_path, overrides(hf_data, tmp_path / "b", hf)) == 2
-    assert "blocks.1.mlp.fc.bias has shape (7,) in the weights, (256,) in the model" in capsys.readouterr().err
+    assert "initial weights: blocks.1.mlp.fc.bias has shape (7,), the model needs (256,)" in capsys.readouterr().err
