@@ -145,6 +145,8 @@ def evaluate(model, split, cfg, batches: int) -> float:
 # ---------------------------------------------------------------- bigtrain's loop
 def bigtrain_loop(cfg, splits, stats: dict | None = None) -> list[float]:
     """``Trainer.fit`` as it runs; returns each step's start time (``stats`` gets prefetch counts)."""
+    run_dir = Path(cfg.run_dir)
+    cfg = cfg.model_copy(update={"run_dir": str(run_dir.parent / f"{run_dir.name}-{time.time_ns()}")})
     trainer = Trainer(cfg, CPU, splits)
     marks, get = [], trainer.loader.get
 

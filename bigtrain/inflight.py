@@ -48,6 +48,9 @@ class InFlight:
 
 def to_device(values: list[float], device: torch.device) -> torch.Tensor:
     """Host numbers onto the device without waiting for it (through pinned memory on CUDA;
-    a copy from pageable memory would synchronise)."""
-    t = torch.tensor(values, dtype=torch.float32)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    a copy from pageable memory would synchronise). float32 on CUDA, where fused AdamW reads
+    a tensor LR as float32; float64 on the CPU, where it reads it as a double, as it would a
+    Python float."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)

@@ -150,7 +150,7 @@ class Trainer:
             verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.nonfinite)  # the same on every rank
             lr = self.lr_now(batch.size)  # the schedule follows applied updates
         clip = backend.update(lr, cfg.optim.grad_clip, apply=verdict.apply)
-        values = torch.cat([verdict.values(), torch.stack([clip, lr]).double(), stats.agreed.double()])
+        values = torch.cat([verdict.values(), clip.double().reshape(1), stats.agreed.double()])
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "clip": clip, "applied": verdict.apply,
                 "verdict": verdict, "values": values, "batch_size": batch.size}
 
@@ -166,21 +166,21 @@ class Trainer:
     def settle(self, keep: int) -> tuple[Decision, str | None]:
         """Read the values of every step in flight but the newest ``keep``, oldest first: count
         the update, log detail metrics or trace a non-finite step (:class:`Health`), let the
-        guard record the verdict and decide, and find the stop request
-        every rank agreed on. A decision other than go on ends it: later steps belong to a
+        guard record the verdict and decide, and find the stop request every rank agreed on
+        (every rank reads the same steps at the same boundary). A decision other than go on ends it: later steps belong to a
         timeline that the rollback (or the abort) ends."""
         decision, reason = Decision(), None
         while len(self.inflight) > keep:
             done = self.inflight.popleft()
             values = done.read()
             verdict = StepVerdict.from_values(values[:StepVerdict.SIZE])
-            clip, lr = values[StepVerdict.SIZE:StepVerdict.SIZE + 2]
+            clip, batch = values[StepVerdict.SIZE], done.batch
+            lr = lr_at(self.state.updates, batch.size, self.cfg)  # what the device picked, exactly
             self.state.updates += verdict.apply
             self.window["clipped"] += clip < 1.0
-            self.settled = {"loss": verdict.loss, "grad_norm": verdict.grad_norm, "lr": lr, "clipped": clip < 1.0,
-                            "verdict": verdict.kind, "applied": verdict.apply}
-            reason = self.stop.reason(values[StepVerdict.SIZE + 2:]) or reason
-            batch = done.batch
+            self.settled = {"step": done.step, "loss": verdict.loss, "grad_norm": verdict.grad_norm, "lr": lr,
+                            "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
+            reason = self.stop.reason(values[StepVerdict.SIZE + 1:]) or reason
             if self.health.wants_values(done.step):
                 self.health.after_step(done.step, batch, self.settled)  # log details; trace a non-finite step
             decision = self.guard.after_step(done.step, batch.step_position, batch.next_position, batch.size, verdict)
@@ -223,7 +223,8 @@ class Trainer:
             state.advance(batch, cfg.model.seq_len)
             self.window["tokens"] += batch.size * cfg.model.seq_len
             self.window["steps"] += 1
-            if step % cfg.logging.every == 0 or step == cfg.schedule.max_steps:
+            logged = step % cfg.logging.every == 0 or step == cfg.schedule.max_steps
+            if logged and self.settled.get("step") == step:  # (not when a rollback dropped this step)
                 with phase("log"):
                     self.log_train(batch.size)
             if decision.action != GO_ON:
