@@ -1,7 +1,7 @@
 """bigtrain's fixed per-step cost: its training loop against a bare nanoGPT-style loop.
 
-    python bench/overhead.py [--sizes tiny,25M,124M] [--repeats 3] [--recipe-steps 2000]
-                             [--recipe-repeats 2] [--compile]
+    python bench/overhead.py [--sizes tiny,25M,124M] [--repeats 3] [--timed-steps N]
+                             [--recipe-steps 2000] [--recipe-repeats 2] [--compile]
 
 Prints one JSON object. Three sizes (fp32 for the char model as nanoGPT runs it on a CPU,
 bf16 autocast for the others):
@@ -179,8 +179,9 @@ def phases_ms(run, steps: int) -> dict:
             if f"bigtrain/{p}" in totals}
 
 
-def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = ()) -> dict:
+def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), timed: int | None = None) -> dict:
     _, _, _, warm, steps = SIZES[name]
+    steps = timed or steps
     cfg, splits = size_config(name, tmp, warm + steps, extra)
     bare, ours, first, stats = [], [], {"bare": [], "bigtrain": []}, {}
     for _ in range(repeats):
@@ -242,6 +243,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,25M,124M")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per loop (default: per size)")
     ap.add_argument("--recipe-steps", type=int, default=2000, help="0: skip the whole-recipe comparison")
     ap.add_argument("--recipe-repeats", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time parallel.compile=true (tiny, 25M)")
@@ -252,9 +254,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
     for name in args.sizes.split(","):
-        out["sizes"][name] = measure_size(name, tmp, args.repeats)
+        out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
         if args.compile and name != "124M":
-            out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"])
+            out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"],
+                                                           args.timed_steps)
     if args.recipe_steps:
         out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
     out["load_after"] = os.getloadavg()[0]
