@@ -208,14 +208,16 @@ def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), time
 
 
 # ---------------------------------------------------------------- the whole small recipe
-def recipe_overrides(tmp: Path, steps: int, run_dir: Path) -> list[str]:
-    return QUIET + SIZES["tiny"][0] + RECIPE + [f"data.path={data_dir('char', tmp)}", f"run_dir={run_dir}",
-                                                f"schedule.max_steps={steps}"]
+def recipe_args(tmp: Path, steps: int, run_dir: Path) -> list[str]:
+    """The recipe as a command line: a config file (the CLI wants one) and overrides."""
+    (tmp / "recipe.yaml").write_text(f"run_dir: {run_dir}\n")
+    return [str(tmp / "recipe.yaml"), *QUIET, *SIZES["tiny"][0], *RECIPE, f"data.path={data_dir('char', tmp)}",
+            f"run_dir={run_dir}", f"schedule.max_steps={steps}"]
 
 
-def bare_recipe(overrides: list[str]) -> None:
+def bare_recipe(args: list[str]) -> None:
     """This file's ``--bare-recipe`` mode: the recipe's work in the bare loop, in a fresh process."""
-    cfg = load_config(overrides=overrides)
+    cfg = load_config(args[0], overrides=args[1:])
     _, train, val = open_splits(cfg)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     bare_loop(cfg, train, cfg.schedule.max_steps, cfg.logging.every, Path(cfg.run_dir) / "ckpt.pt",
@@ -228,9 +230,9 @@ def recipe(tmp: Path, steps: int, repeats: int) -> dict:
     for r in range(repeats):
         for kind in ("bare", "bigtrain"):
             run_dir = tmp / f"recipe-{kind}-{r}"
-            overrides = recipe_overrides(tmp, steps, run_dir)
-            cmd = [sys.executable, __file__, "--bare-recipe", *overrides] if kind == "bare" else \
-                [sys.executable, "-m", "bigtrain", "train", *overrides]
+            args = recipe_args(tmp, steps, run_dir)
+            cmd = [sys.executable, __file__, "--bare-recipe", *args] if kind == "bare" else \
+                [sys.executable, "-m", "bigtrain", "train", *args]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             walls[kind].append(time.perf_counter() - t0)
