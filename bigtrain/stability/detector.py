@@ -76,8 +76,11 @@ already agrees on, so that the verdict (and the skip it decides) never waits for
 the history lives in two small float64 ring buffers on the device, and medians are
 taken by sorting the filled part, with the same float64 arithmetic as Python's
 ``statistics.median`` (identical verdicts on CPU and CUDA, and to the plain-Python rule
-this replaced). About 40 tiny kernels a step (0.3 ms on this CPU); every rank reaches the
-same verdict, and so does a resumed run, given :meth:`SpikeDetector.state_dict`.
+this replaced, checked on 6000 random steps under 30 settings). The price is about 150 tiny
+tensor ops a step where the plain-Python rule took 0.15 ms: 1.5-2.5 ms measured on this
+2-core CPU while shared by a dozen processes; on CUDA about as many kernel launches, queued
+asynchronously (fusing them, e.g. with torch.compile, is left to do). Every rank reaches
+the same verdict, and so does a resumed run, given :meth:`SpikeDetector.state_dict`.
 """
 from __future__ import annotations
 
