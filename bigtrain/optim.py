@@ -48,7 +48,20 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay, o.decay_embeddings)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     init_state(optimizer)
+    optimizer.register_load_state_dict_post_hook(stay_fused)
     return optimizer
+
+
+def stay_fused(optimizer: torch.optim.AdamW) -> None:
+    """After ``load_state_dict``: the groups hold the saved flags, and a checkpoint written when
+    the optimizer was foreach (before fused AdamW) would turn it back into foreach, with its step
+    counts on the CPU. Fused it stays (the device-side skip needs it), step counts on the device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def init_state(optimizer: torch.optim.AdamW) -> None:

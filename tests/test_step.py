@@ -199,3 +199,22 @@ def test_capabilities_are_declared_on_the_classes():
     assert not (ds.reshards_checkpoints or ds.has_local_grads or ds.async_checkpoint)
     assert all(backend_class(n).reshards_checkpoints and backend_class(n).has_local_grads
                and backend_class(n).async_checkpoint for n in ("none", "fsdp"))
+
+
+def test_a_state_saved_by_the_foreach_adamw_of_older_checkpoints_loads_and_stays_fused():
+    """Checkpoints written before AdamW was fused hold foreach flags and CPU step counts; loading
+    one keeps the optimizer fused (the device-side skip needs it) and trains on exactly alike."""
+    cfg = config()
+    trained, resumed = fresh(cfg), fresh(cfg)
+    trained.measure(batch(0, cfg), MICRO)
+    trained.update(1e-3, cfg.optim.grad_clip)
+    old = copy.deepcopy(trained.optimizer.state_dict())
+    for group in old["param_groups"]:
+        group["fused"], group["foreach"] = False, True
+    resumed.raw_model.load_state_dict(trained.raw_model.state_dict())
+    resumed.optimizer.load_state_dict(old)
+    assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
+    for backend in (trained, resumed):
+        stats = backend.measure(batch(1, cfg), MICRO)
+        backend.update(torch.tensor(2e-3, dtype=torch.float64), cfg.optim.grad_clip, apply=~stats.nonfinite)
+    assert equal(snapshot(trained), snapshot(resumed))
