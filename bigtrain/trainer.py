@@ -159,7 +159,8 @@ class Trainer:
         the last step it read; each step still in flight adds its apply flag, which only the
         device knows yet: the host sends the candidates, the device picks one."""
         device, done = self.env.device, self.state.updates
-        candidates = to_device([lr_at(done + k, batch_size, self.cfg) for k in range(len(self.inflight) + 1)], device)
+        candidates = to_device([lr_at(done + k, batch_size, self.cfg) for k in range(len(self.inflight) + 1)],
+                               device)
         pending = sum((f.applied.long() for f in self.inflight), torch.zeros((), dtype=torch.long, device=device))
         return candidates.gather(0, pending.reshape(1)).reshape(())
 

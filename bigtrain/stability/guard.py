@@ -140,7 +140,8 @@ class Guard:
         if self.cfg.enabled:
             code, details = self.detector.verdict(loss, grad_norm, nonfinite)
         else:
-            code, details = torch.where(nonfinite, KINDS.index(NONFINITE), KINDS.index(OK)), torch.zeros(3, device=device)
+            code = torch.where(nonfinite, KINDS.index(NONFINITE), KINDS.index(OK))
+            details = torch.zeros(3, device=device)
         self.last = StepVerdict(code, loss, grad_norm, details)
         return self.last
 
