@@ -168,8 +168,8 @@ class Trainer:
         """Read the values of every step in flight but the newest ``keep``, oldest first: count
         the update, log detail metrics or trace a non-finite step (:class:`Health`), let the
         guard record the verdict and decide, and find the stop request every rank agreed on
-        (every rank reads the same steps at the same boundary). A decision other than go on ends it: later steps belong to a
-        timeline that the rollback (or the abort) ends."""
+        (every rank reads the same steps at the same boundary). A decision other than go on
+        ends it: later steps belong to a timeline that the rollback (or the abort) ends."""
         decision, reason = Decision(), None
         while len(self.inflight) > keep:
             done = self.inflight.popleft()
