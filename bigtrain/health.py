@@ -68,6 +68,10 @@ class Health:
     def is_detail(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
+    def wants_values(self, step: int) -> bool:
+        """Whether :meth:`after_step` must run after ``step`` (with that step's numbers read)."""
+        return self.tracer is not None or self.is_detail(step)
+
     # ------------------------------------------------------------------ around the step
     def before_step(self, step: int) -> None:
         """On a detail step: copy the parameters (local shards) and attach the hooks."""
@@ -96,6 +100,8 @@ class Health:
         for h in self.handles:
             h.remove()
         self.active = False
+        if not result["applied"]:
+            self.grad_sq = None  # the optimizer ran, but skipped the update on the device
         record = {"kind": "detail", "applied": self.grad_sq is not None}
         record.update(self._weights(result))
         record.update(self._activations())

@@ -47,16 +47,34 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """torch's fused AdamW, on CPU and CUDA alike. Why fused: one kernel per parameter group
+    instead of a dozen foreach passes (on the 0.8M char model, 2.6 ms a step on this CPU
+    against 15 ms for foreach), and it is the AdamW that can skip a step on the device:
+    with ``optimizer.found_inf`` set to 1 it changes nothing, parameters, moments and step
+    count included, whatever NaN the gradients hold (:meth:`Backend.update`)."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.decay_embeddings)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     init_state(optimizer)
+    optimizer.register_load_state_dict_post_hook(stay_fused)
     return optimizer
+
+
+def stay_fused(optimizer: torch.optim.AdamW) -> None:
+    """After ``load_state_dict``: the groups hold the saved flags, and a checkpoint written when
+    the optimizer was foreach (before fused AdamW) would turn it back into foreach, with its step
+    counts on the CPU. Fused it stays (the device-side skip needs it), step counts on the device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def init_state(optimizer: torch.optim.AdamW) -> None:
     """Create AdamW's state now, exactly as its first ``step()`` would (step 0, zero moments,
-    the step count as a CPU fp32 scalar as torch keeps it for foreach without capturable).
+    the step count an fp32 scalar on the parameter's device, as torch keeps it for fused).
 
     Why: a checkpoint taken before the first applied update (say every update so far was
     skipped) asks DCP's ``get_state_dict`` for the optimizer state; when there is none, DCP
@@ -65,10 +83,10 @@ def init_state(optimizer: torch.optim.AdamW) -> None:
     With the state already there, saving has nothing to create, and the first real ``step()``
     finds the state it would have made itself (tests/test_step.py compares the two bitwise)."""
     for group in optimizer.param_groups:
-        if group["amsgrad"] or group["fused"] or group["capturable"]:
-            raise ValueError("init_state mirrors AdamW without amsgrad, fused or capturable")
+        if group["amsgrad"] or not group["fused"]:
+            raise ValueError("init_state mirrors fused AdamW without amsgrad")
         for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                                   "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                   "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -107,6 +125,7 @@ def lr_at(step: int, batch_size: int, cfg: Config) -> float:
     return batch_scale(batch_size, cfg) * base_lr(step, cfg)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float | torch.Tensor) -> None:
+    """``lr`` may be a 0-d tensor on the device (fused AdamW reads it there, without a sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

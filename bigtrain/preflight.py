@@ -136,11 +136,8 @@ class Preflight:
         """One update of the trainer's recipe on ``batch`` (a non-finite step is not applied, as
         the guard would); returns (loss, pre-clip grad norm)."""
         stats = backend.measure(batch, self.cfg.batch.micro_size)
-        if stats.local_nonfinite:
-            backend.discard()
-        else:
-            backend.update(lr, self.cfg.optim.grad_clip)
-        return stats.loss, stats.grad_norm
+        backend.update(lr, self.cfg.optim.grad_clip, apply=~stats.nonfinite)
+        return float(stats.loss), float(stats.grad_norm)
 
     # ------------------------------------------------------------------ the checks
     def check_data(self, count: int) -> tuple[Check, list[dict]]:

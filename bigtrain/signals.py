@@ -11,9 +11,13 @@ the step that was in flight.
 
 The signal handler only records the signal: saving from inside a handler could
 interrupt a collective halfway and deadlock the other ranks. At every step
-boundary all ranks then agree, with one all-reduce of one number, because a
-signal or a file may reach some ranks and not others (a node-local ``STOP``
-file, a signal sent to one node), and a checkpoint needs every rank.
+boundary all ranks then agree, because a signal or a file may reach some ranks
+and not others (a node-local ``STOP`` file, a signal sent to one node), and a
+checkpoint needs every rank. The agreement costs no collective of its own: each
+rank's :meth:`StopRequest.codes` ride on the step's one all-reduce
+(:meth:`bigtrain.parallel.base.Backend.measure`), and :meth:`StopRequest.reason`
+reads the sums when the host learns the step's values (a step later: every rank
+learns them at the same step, so every rank stops at the same boundary).
 """
 from __future__ import annotations
 
@@ -53,11 +57,18 @@ class StopRequest:
         """Why this rank wants to stop, or None."""
         return self.signal_name or ("STOP file" if self.stop_file.exists() else None)
 
-    def requested(self) -> str | None:
-        """The reason to stop now, the same on every rank, or None. A collective: every
-        rank calls it at the same step boundary."""
-        code = torch.tensor([float(REASONS.index(self.local_reason()))], device=self.env.device)
-        return REASONS[int(self.env.all_reduce(code, "max").item())]
+    def codes(self) -> torch.Tensor:
+        """This rank's request as one flag per reason (REASONS[1:]), to be summed over ranks.
+        Pinned on CUDA, so that its copy to the device does not wait for the device."""
+        reason = self.local_reason()
+        flags = torch.tensor([float(reason == r) for r in REASONS[1:]])
+        return flags.pin_memory() if self.env.device.type == "cuda" else flags
+
+    @staticmethod
+    def reason(summed: list[float]) -> str | None:
+        """The reason every rank reports, from :meth:`codes` summed over ranks: the highest ranked."""
+        asked = [r for r, n in zip(REASONS[1:], summed) if n > 0]
+        return asked[-1] if asked else None
 
     def acted_on(self) -> None:
         """The loop has saved and recorded the stop: remove the ``STOP`` file, so that the

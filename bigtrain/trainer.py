@@ -9,11 +9,19 @@ asked. The policies live in their own modules and are wired together in
 model is sharded (``parallel``), checkpoints (``checkpoint``), what is anomalous
 (``stability.detector``), what to do about it (``stability.guard``) and how
 (``stability.recovery``).
+
+Nothing inside a step is read by the host (no device sync on CUDA): the verdict, the skip
+and the clip are decided on the device, and the host learns a step's numbers one step
+later (:mod:`bigtrain.inflight`), or at once on the steps whose host work needs them
+(logging, checkpoints, evaluation, detail metrics). Only then does the guard record the
+verdict and decide about rollbacks: a skipped update was never applied, so deciding a
+step late costs nothing but that step's compute.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from bigtrain.ema import attach_ema
 from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.hf_import import open_weights
+from bigtrain.inflight import InFlight, to_device
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger
 from bigtrain.model.gpt import GPT
@@ -42,7 +51,7 @@ from bigtrain.rundir import open_run_dir
 from bigtrain.signals import StopRequest
 from bigtrain.source_metrics import SourceLoss
 from bigtrain.stability.culprits import culprit_policy
-from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort
+from bigtrain.stability.guard import GO_ON, ROLLBACK, Decision, Guard, StabilityAbort, StepVerdict
 from bigtrain.stability.recovery import AbortMark, roll_back, rollback_target, skip_window
 from bigtrain.wandb_sink import WandbSink
 
@@ -52,16 +61,16 @@ class TrainState:
     """Where the run is; saved in every checkpoint. ``step`` counts steps taken, skipped ones
     included (``schedule.max_steps`` counts these: batches consumed); ``updates`` counts the
     updates applied, which the LR schedule follows (a skipped step does not advance it, as in
-    Megatron). ``position`` is in the global sample stream; ``samples`` drives ramp-up."""
+    Megatron); the loop counts them when it learns the step's verdict. ``position`` is in the
+    global sample stream; ``samples`` drives ramp-up."""
     step: int = 0
     updates: int = 0
     position: int = 0
     samples: int = 0
     tokens: int = 0
 
-    def advance(self, batch: Batch, applied: bool, seq_len: int) -> None:
+    def advance(self, batch: Batch, seq_len: int) -> None:
         self.step += 1
-        self.updates += applied
         self.position = batch.next_position
         self.samples += batch.size
         self.tokens += batch.size * seq_len
@@ -123,6 +132,8 @@ class Trainer:
         self.skip_policy = skip_window if cfg.stability.skip == "window" else culprit_policy(  # what a rollback skips
             self.backend, env, self.order, self.train_split, cfg.model.seq_len, cfg.batch.micro_size, self.ledger)
         self.protected_for: int | None = None         # the episode whose rollback target is pinned
+        self.inflight: deque[InFlight] = deque()      # steps whose values the host has not read yet
+        self.settled: dict = {}                       # the host's numbers of the newest step read
         self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
         self.faults = Faults(cfg, env.rank, env.world)
@@ -152,21 +163,64 @@ class Trainer:
         return batch_size_at(samples, self.cfg.batch)
 
     def train_step(self, batch: Batch) -> dict:
+        """One step, queued without waiting for the device: measure, judge, apply or not.
+        Returns 0-d device tensors: ``loss``, ``grad_norm``, ``lr``, ``clip`` (the clip factor,
+        1: not clipped), ``applied`` (bool: the update was applied; a hook after the step, such
+        as an EMA, takes it as it is) and ``values`` (what the host reads back), with the
+        :class:`StepVerdict` ``verdict`` and the host's ``batch_size``."""
         cfg, backend, step = self.cfg, self.backend, self.state.step + 1
-        with phase("forward_backward"):
-            stats = backend.measure(batch, cfg.batch.micro_size,
-                                    after_backward=lambda b: self.faults.corrupt_grads(step, b))
+        stats = backend.measure(batch, cfg.batch.micro_size, agree=self.stop.codes(),
+                                after_backward=lambda b: self.faults.corrupt_grads(step, b))
         with phase("guard"):
-            verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.local_nonfinite)  # the same on every rank
-        lr = lr_at(self.state.updates, batch.size, cfg)  # the schedule follows applied updates
-        clip = 1.0
-        with phase("optimizer"):
-            if verdict.apply:
-                clip = backend.update(lr, cfg.optim.grad_clip)
-            else:
-                backend.discard()
-        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "batch_size": batch.size,
-                "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
+            verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.nonfinite)  # the same on every rank
+            lr = self.lr_now(batch.size)  # the schedule follows applied updates
+        clip = backend.update(lr, cfg.optim.grad_clip, apply=verdict.apply)
+        values = torch.cat([verdict.values(), clip.double().reshape(1), stats.agreed.double()])
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "clip": clip, "applied": verdict.apply,
+                "verdict": verdict, "values": values, "batch_size": batch.size}
+
+    def lr_now(self, batch_size: int) -> torch.Tensor:
+        """``lr_at(updates, batch_size)`` on the device. The host knows the updates applied up to
+        the last step it read; each step still in flight adds its apply flag, which only the
+        device knows yet: the host sends the candidates, the device picks one."""
+        device, done = self.env.device, self.state.updates
+        candidates = to_device([lr_at(done + k, batch_size, self.cfg) for k in range(len(self.inflight) + 1)],
+                               device)
+        pending = sum((f.applied.long() for f in self.inflight), torch.zeros((), dtype=torch.long, device=device))
+        return candidates.gather(0, pending.reshape(1)).reshape(())
+
+    def settle(self, keep: int) -> tuple[Decision, str | None]:
+        """Read the values of every step in flight but the newest ``keep``, oldest first: count
+        the update, log detail metrics or trace a non-finite step (:class:`Health`), let the
+        guard record the verdict and decide, and find the stop request every rank agreed on
+        (every rank reads the same steps at the same boundary). A decision other than go on
+        ends it: later steps belong to a timeline that the rollback (or the abort) ends."""
+        decision, reason = Decision(), None
+        while len(self.inflight) > keep:
+            done = self.inflight.popleft()
+            values = done.read()
+            verdict = StepVerdict.from_values(values[:StepVerdict.SIZE])
+            clip, batch = values[StepVerdict.SIZE], done.batch
+            lr = lr_at(self.state.updates, batch.size, self.cfg)  # what the device picked, exactly
+            self.state.updates += verdict.apply
+            self.window["clipped"] += clip < 1.0
+            self.settled = {"step": done.step, "loss": verdict.loss, "grad_norm": verdict.grad_norm, "lr": lr,
+                            "clipped": clip < 1.0, "verdict": verdict.kind, "applied": verdict.apply}
+            reason = self.stop.reason(values[StepVerdict.SIZE + 1:]) or reason
+            if self.health.wants_values(done.step):
+                self.health.after_step(done.step, batch, self.settled)  # log details; trace a non-finite step
+            decision = self.guard.after_step(done.step, batch.step_position, batch.next_position, batch.size, verdict)
+            if decision.action != GO_ON:
+                self.inflight.clear()
+                break
+        return decision, reason
+
+    def needs_values(self, step: int) -> bool:
+        """Whether the host work after ``step`` needs that step's own numbers."""
+        cfg = self.cfg
+        return (step % cfg.logging.every == 0 or step == cfg.schedule.max_steps
+                or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                or bool(cfg.eval.every and step % cfg.eval.every == 0) or self.health.wants_values(step))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -178,30 +232,33 @@ class Trainer:
         if self.env.is_main:  # only once the checkpoint accepted this config (the data order, the model)
             save_config(cfg, self.run_dir / "config.yaml")
         self.backend.train()
-        window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
+        self.window = {"t0": time.perf_counter(), "tokens": 0, "clipped": 0, "steps": 0}
         while state.step < cfg.schedule.max_steps:
             self.profiler.at(state.step)
-            size = self.batch_size(state.samples)
             with phase("data"):
+                size = self.batch_size(state.samples)
                 batch = self.faults.corrupt_batch(
                     self.loader.get(state.position, size, self.batch_size(state.samples + size)))
             self.health.before_step(state.step + 1)   # detail steps only: snapshot params, attach hooks
             with self.source_loss.reading(batch):
                 result = self.train_step(batch)
+            step = state.step + 1
             if self.ema is not None:
-                self.ema.update(state.step + 1, result["applied"])  # a skipped step leaves it as it was
-            self.health.after_step(state.step + 1, batch, result)  # log details; trace a non-finite step
-            state.advance(batch, result["applied"], cfg.model.seq_len)
-            window["tokens"] += batch.size * cfg.model.seq_len
-            window["clipped"] += result["clipped"]
-            window["steps"] += 1
-            if state.step % cfg.logging.every == 0 or state.step == cfg.schedule.max_steps:
+                self.ema.update(step, result["applied"])  # a skipped step leaves it as it was
+            self.inflight.append(InFlight.stage(step, batch, result["applied"], result["values"]))
+            with phase("guard"):
+                decision, stop = self.settle(keep=0 if self.needs_values(step) else 1)
+                if stop and decision.action == GO_ON and self.inflight:  # a stop saves this very step
+                    decision, _ = self.settle(keep=0)
+            state.advance(batch, cfg.model.seq_len)
+            self.window["tokens"] += batch.size * cfg.model.seq_len
+            self.window["steps"] += 1
+            logged = step % cfg.logging.every == 0 or step == cfg.schedule.max_steps
+            if logged and self.settled.get("step") == step:  # (not when a rollback dropped this step)
                 with phase("log"):
-                    self.log_train(result, window)
-            step = state.step
-            decision = self.guard.after_step(step, batch.step_position, batch.next_position, batch.size)
+                    self.log_train(batch.size)
             if decision.action != GO_ON:
-                self.act_on(step, decision)           # roll back (state is the checkpoint's) or raise
+                self.act_on(decision.episode[-1]["step"], decision)  # roll back (state is the checkpoint's) or raise
             self.protect_rollback_target()
             self.faults.crash_at(step)                # test hook (off by default): kill -9 here
             if decision.action == ROLLBACK:
@@ -212,8 +269,8 @@ class Trainer:
             if cfg.eval.every and step % cfg.eval.every == 0:
                 with phase("eval"):
                     self.evaluate()
-            if reason := self.stop.requested():      # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
-                self.preempt(reason)
+            if stop:                                  # SIGTERM, SIGUSR1 or RUN_DIR/STOP, on any rank
+                self.preempt(stop)
                 return state
         with phase("checkpoint"):
             self.checkpointer.save(state.step, self.parts())  # the end of training is always committed,
@@ -262,16 +319,17 @@ class Trainer:
                           "checkpoint saved, resume with checkpoint.resume=auto")
         self.stop.acted_on()
 
-    def log_train(self, result: dict, window: dict) -> None:
-        if self.env.device.type == "cuda":
-            torch.cuda.synchronize()
+    def log_train(self, batch_size: int) -> None:
+        """Metrics of the newest step (read already: logging steps are read at once) and of the
+        window since the last logged step."""
+        window, result = self.window, self.settled
         elapsed = time.perf_counter() - window["t0"]
         tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
         record = {"loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                   "clip_rate": window["clipped"] / window["steps"], "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak,
                   "samples": self.state.samples, "tokens": self.state.tokens, "verdict": result["verdict"],
-                  "batch_size": result["batch_size"], "updates": self.state.updates, **self.guard.counters(),
+                  "batch_size": batch_size, "updates": self.state.updates, **self.guard.counters(),
                   **self.source_loss.collect()}
         if self.env.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

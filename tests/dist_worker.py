@@ -72,11 +72,10 @@ def train(cfg, env: DistEnv, skip: set[int]) -> dict:
     backend, steps = trainer.backend, []
     apply_update = backend.update
 
-    def update(lr, max_norm):  # the guard's skip: discard instead of update
+    def update(lr, max_norm, apply=None):  # the guard's skip, forced: not applied
         if trainer.state.step + 1 in skip:
-            backend.discard()
-            return 1.0
-        return apply_update(lr, max_norm)
+            apply = torch.zeros((), dtype=torch.bool)
+        return apply_update(lr, max_norm, apply)
 
     backend.update = update
     take_step = trainer.train_step
@@ -84,7 +83,7 @@ def train(cfg, env: DistEnv, skip: set[int]) -> dict:
     def recorded(batch):
         result = take_step(batch)
         adam_steps, moments = adam_state(trainer)
-        steps.append({"loss": result["loss"], "grad_norm": result["grad_norm"],
+        steps.append({"loss": float(result["loss"]), "grad_norm": float(result["grad_norm"]),
                       "rows": batch.tokens.tolist(), "adam_steps": adam_steps, "moments": moments,
                       "params": fingerprint(backend.full_parameters())})
         return result

@@ -140,7 +140,7 @@ def test_a_guard_restored_mid_episode_decides_like_the_uninterrupted_one(tmp_pat
 def test_disabled_guard_skips_a_nan_but_never_rolls_back(tmp_path, bad):
     guard = make_guard(tmp_path, enabled=False, max_consecutive=1)
     guard.judge(1e9 if not bad else 1.0, 1.0, bad)   # no spike detection: a huge loss is applied
-    assert guard.last.apply is not bad
+    assert guard.last.read().apply is not bad
     assert guard.after_step(1, 0, BATCH, BATCH).action == GO_ON
     assert lines(guard) == ([("nonfinite", 1), ("skip", 1)] if bad else [])
     assert guard.open_since is None

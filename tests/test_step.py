@@ -72,10 +72,11 @@ def test_measure_and_update_match_a_hand_written_step():
     clipped = 0
     for i, lr in enumerate([1e-3, 3e-3, 2e-3]):
         stats = backend.measure(batch(i, cfg), MICRO)
-        factor = backend.update(lr, cfg.optim.grad_clip)
+        factor = float(backend.update(lr, cfg.optim.grad_clip))
         loss, norm = reference_step(model, opt, batch(i, cfg).tokens, lr, cfg.optim.grad_clip)
-        assert stats.loss == pytest.approx(loss, rel=1e-6) and stats.grad_norm == pytest.approx(norm, rel=1e-5)
-        assert not stats.local_nonfinite
+        assert float(stats.loss) == pytest.approx(loss, rel=1e-6)
+        assert float(stats.grad_norm) == pytest.approx(norm, rel=1e-5)
+        assert not stats.nonfinite
         assert factor == pytest.approx(min(1.0, cfg.optim.grad_clip / norm), rel=1e-5)
         clipped += factor < 1.0
     assert clipped  # the clip path was exercised
@@ -128,7 +129,7 @@ def test_a_nan_written_after_backward_is_reported_and_discard_keeps_the_model_fi
         b.grads()[0].view(-1)[0] = float("nan")
 
     stats = backend.measure(batch(0, cfg), MICRO, after_backward=poison)
-    assert stats.local_nonfinite and stats.grad_norm != stats.grad_norm  # NaN
+    assert stats.nonfinite and stats.grad_norm.isnan()
     backend.discard()
     assert equal(snapshot(backend), before)
 
@@ -165,7 +166,30 @@ def test_asking_for_the_state_dict_before_any_update_does_not_step():
 
 def test_init_state_refuses_an_adamw_it_does_not_mirror():
     with pytest.raises(ValueError, match="amsgrad"):
-        init_state(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], amsgrad=True))
+        init_state(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], amsgrad=True, fused=True))
+    with pytest.raises(ValueError, match="fused"):
+        init_state(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], foreach=True))
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_an_update_not_applied_on_the_device_changes_nothing_nan_or_not(poisoned):
+    """``update(apply=False)``: the device-side skip (fused AdamW's found_inf) leaves parameters,
+    moments and step counts bitwise as they were, even with NaN gradients, and the next
+    applied update is the one a run without the skipped step would make."""
+    cfg = config()
+    skipping, plain = fresh(cfg), fresh(cfg)
+    for backend in (skipping, plain):
+        backend.measure(batch(0, cfg), MICRO)
+        backend.update(1e-3, cfg.optim.grad_clip)
+    before = snapshot(skipping)
+    poison = (lambda b: b.grads()[0].view(-1).__setitem__(0, float("nan"))) if poisoned else None
+    stats = skipping.measure(batch(1, cfg), MICRO, after_backward=poison)
+    skipping.update(torch.tensor(5e-3), cfg.optim.grad_clip, apply=~stats.nonfinite & torch.tensor(False))
+    assert equal(snapshot(skipping), before)
+    for backend in (skipping, plain):
+        backend.measure(batch(2, cfg), MICRO)
+        backend.update(torch.tensor(1e-3), cfg.optim.grad_clip, apply=torch.tensor(True))
+    assert equal(snapshot(skipping), snapshot(plain))
 
 
 def test_capabilities_are_declared_on_the_classes():
@@ -175,3 +199,22 @@ def test_capabilities_are_declared_on_the_classes():
     assert not (ds.reshards_checkpoints or ds.has_local_grads or ds.async_checkpoint)
     assert all(backend_class(n).reshards_checkpoints and backend_class(n).has_local_grads
                and backend_class(n).async_checkpoint for n in ("none", "fsdp"))
+
+
+def test_a_state_saved_by_the_foreach_adamw_of_older_checkpoints_loads_and_stays_fused():
+    """Checkpoints written before AdamW was fused hold foreach flags and CPU step counts; loading
+    one keeps the optimizer fused (the device-side skip needs it) and trains on exactly alike."""
+    cfg = config()
+    trained, resumed = fresh(cfg), fresh(cfg)
+    trained.measure(batch(0, cfg), MICRO)
+    trained.update(1e-3, cfg.optim.grad_clip)
+    old = copy.deepcopy(trained.optimizer.state_dict())
+    for group in old["param_groups"]:
+        group["fused"], group["foreach"] = False, True
+    resumed.raw_model.load_state_dict(trained.raw_model.state_dict())
+    resumed.optimizer.load_state_dict(old)
+    assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
+    for backend in (trained, resumed):
+        stats = backend.measure(batch(1, cfg), MICRO)
+        backend.update(torch.tensor(2e-3, dtype=torch.float64), cfg.optim.grad_clip, apply=~stats.nonfinite)
+    assert equal(snapshot(trained), snapshot(resumed))

@@ -15,7 +15,6 @@ outside this package compares backend names.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from bigtrain.optim import set_lr
 from bigtrain.checkpoint import dcp_io
 from bigtrain.parallel.env import DistEnv
 from bigtrain.parallel.recompute import checkpoint_blocks
+from bigtrain.phases import phase
 
 
 def prepare_blocks(model: GPT, cfg: Config) -> None:
@@ -41,10 +41,12 @@ def prepare_blocks(model: GPT, cfg: Config) -> None:
 
 @dataclass
 class StepStats:
-    """What :meth:`Backend.measure` found, before anything is applied."""
-    loss: float            # token-weighted mean CE over the whole global batch, same on every rank
-    grad_norm: float       # pre-clip global L2 norm over every shard and rank, same on every rank
-    local_nonfinite: bool  # this rank saw a NaN/inf in its loss or gradients (the guard OR-reduces it)
+    """What :meth:`Backend.measure` found, before anything is applied: 0-d tensors on the
+    device, the same on every rank, none of them read by the host (no sync)."""
+    loss: torch.Tensor       # token-weighted mean CE over the whole global batch
+    grad_norm: torch.Tensor  # pre-clip global L2 norm over every shard and rank
+    nonfinite: torch.Tensor  # bool: some rank saw a NaN/inf in its loss or gradients
+    agreed: torch.Tensor | None = None  # the ``agree`` values, summed over ranks
 
 
 class Backend:
@@ -67,32 +69,48 @@ class Backend:
         self.row_sink = None  # when set, loss_terms hands it each micro-batch's per-row CE sums (mixtures)
 
     # -- the step recipe ------------------------------------------------------------------
-    def measure(self, batch, micro_size: int, after_backward=None) -> StepStats:
+    def measure(self, batch, micro_size: int, after_backward=None, agree: torch.Tensor | None = None) -> StepStats:
         """All micro-batches of ``batch`` (this rank's rows) forward and backward, each loss
         scaled to its share of the rank's token mean; ``after_backward(self)`` runs after the
-        last backward (and after any gradient reduction). Nothing is applied yet."""
+        last backward (and after any gradient reduction). Nothing is applied yet, and nothing
+        is read back by the host: on CUDA the CPU runs on while the device computes.
+
+        The loss, this rank's non-finite flag and ``agree`` (other per-rank numbers that every
+        rank must agree on, e.g. stop requests; summed) go over the ranks in one all-reduce."""
         scale = 1.0 / batch.tokens[:, 1:].numel()
         micro = list(batch.micro_batches(micro_size))
         loss = torch.zeros((), device=self.env.device)
-        for i, (inputs, targets) in enumerate(micro):
-            loss += self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
-        if after_backward is not None:
-            after_backward(self)
-        local_nonfinite = not math.isfinite(float(loss))
+        with phase("forward_backward"):
+            for i, (inputs, targets) in enumerate(micro):
+                loss += self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
+            if after_backward is not None:
+                after_backward(self)
+        with phase("reduce"):
+            self._norm = self.grad_norm()
+            # A NaN in this rank's loss makes the summed loss NaN everywhere; one in its gradients
+            # may not (a fault written after the reduction), hence the flag.
+            parts = [loss.float().reshape(1), (~self._norm.isfinite()).float().reshape(1)]
+            if agree is not None:
+                parts.append(agree.to(self.env.device, torch.float32, non_blocking=True).reshape(-1))
+            packed = self.env.all_reduce(torch.cat(parts))
         # Ranks hold equal token counts, so the mean of the rank means is the global token mean.
-        mean_loss = float(self.mean_over_ranks(loss))
-        self._norm = self.grad_norm()
-        norm = float(self._norm)
-        return StepStats(mean_loss, norm, local_nonfinite or not math.isfinite(norm))
+        mean_loss = packed[0] / self.env.world
+        nonfinite = (packed[1] > 0) | ~mean_loss.isfinite()
+        return StepStats(mean_loss, self._norm, nonfinite, packed[2:] if agree is not None else None)
 
-    def update(self, lr: float, max_norm: float) -> float:
+    def update(self, lr: float | torch.Tensor, max_norm: float, apply: torch.Tensor | None = None) -> torch.Tensor:
         """Clip the measured gradients to ``max_norm`` (0: off), step the optimizer at ``lr`` and
-        zero the gradients. Returns the clip factor (1.0: not clipped)."""
+        zero the gradients. ``apply`` (a 0-d bool tensor on the device, default True) decides on
+        the device whether the step happens at all: where it is False, parameters, moments and
+        step counts stay bitwise as they were, NaN gradients or not (fused AdamW's ``found_inf``
+        skips the kernel; masking by multiplying with 0 would not do: 0 x NaN is NaN).
+        Returns the clip factor as a 0-d tensor (1: not clipped)."""
         if self._norm is None:
             raise RuntimeError("Backend.update() needs the gradients of a measure() first")
-        factor = self._clip(self._norm, max_norm)
-        self._step(lr)
-        self.discard()  # the gradients are spent
+        with phase("optimizer"):
+            factor = self._clip(self._norm, max_norm)
+            self._step(lr, apply)
+            self.discard()  # the gradients are spent
         return factor
 
     def discard(self) -> None:
@@ -154,18 +172,27 @@ class Backend:
         norms = torch._foreach_norm(grads, 2.0)
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
-    def _clip(self, norm: torch.Tensor, max_norm: float) -> float:
-        """Scale gradients so their global norm is at most ``max_norm``; returns the factor."""
-        if max_norm <= 0 or not math.isfinite(float(norm)):
-            return 1.0
-        factor = min(1.0, max_norm / (float(norm) + 1e-6))
-        if factor < 1.0:
-            torch._foreach_mul_(self.grads(), factor)
+    def _clip(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """Scale gradients so their global norm is at most ``max_norm``, on the device (as
+        ``clip_grad_norm_`` does: a multiply by 1 changes nothing); returns the factor. A
+        non-finite norm gives a non-finite factor: that step is never applied anyway."""
+        if max_norm <= 0:
+            return torch.ones((), device=norm.device)
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(self.grads(), factor)
         return factor
 
-    def _step(self, lr: float) -> None:
+    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None) -> None:
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
         set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        self.optimizer.found_inf = None if apply is None else (~apply).float()
+        try:
+            self.optimizer.step()
+        finally:  # the state dict keeps plain floats (a tensor there would change the checkpoint format)
+            for group, value in zip(groups, saved):
+                group["lr"] = value
+            self.optimizer.found_inf = None
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

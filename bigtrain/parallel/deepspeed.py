@@ -146,20 +146,27 @@ class DeepSpeedBackend(Backend):
         norm = opt._get_norm_groups() if self.stage == 3 else [opt.scaled_global_norm()]
         norm = combine_grad_norm_groups(norm).float() / opt.loss_scale
         # DeepSpeed marks a NaN/inf norm as negative; ours is NaN, as for the other backends.
-        return torch.full((), math.nan) if is_invalid_grad_norm(norm) else norm.reshape(())
+        if is_invalid_grad_norm(norm):
+            return torch.full((), math.nan, device=self.env.device)
+        return norm.reshape(()).to(self.env.device)
 
-    def _clip(self, norm: torch.Tensor, max_norm: float) -> float:
+    def _clip(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         """DeepSpeed clips inside its step, with this same norm and ``optim.grad_clip``: only
         the factor is computed here, for the metrics."""
         if max_norm != self.engine.gradient_clipping():
             raise ValueError(f"deepspeed clips at optim.grad_clip={self.engine.gradient_clipping()} "
                              f"inside its step, not at {max_norm}")
-        if max_norm <= 0 or not math.isfinite(float(norm)):
-            return 1.0
-        return min(1.0, max_norm / (float(norm) + 1e-6))
+        if max_norm <= 0:
+            return torch.ones((), device=norm.device)
+        return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    def _step(self, lr: float) -> None:
-        set_lr(self.engine.optimizer, lr)
+    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None) -> None:
+        """DeepSpeed's step is decided on the host: its engine reads its own overflow and norm
+        values there anyway, so the device-side skip would save nothing."""
+        if apply is not None and not bool(apply):
+            self._zero_grad()  # its buffers released, nothing updated
+            return
+        set_lr(self.engine.optimizer, float(lr))
         self.engine.step()
         self._unconsumed = False
 

@@ -71,18 +71,24 @@ steeply and unevenly after warm-in (a high learning rate, a batch-size ramp) wan
 a larger ``warmup``; a longer ``trend`` averages more noise out of the expectation
 but follows a bending curve less well.
 
-Plain Python on numbers every rank already agrees on (the globally reduced loss
-and gradient norm), O(``window``) per step (0.15 ms on a loaded 2-core CPU; numpy's
-median costs more than it saves at these sizes): every rank reaches the same
-verdict, and so does a resumed run, given :meth:`SpikeDetector.state_dict`.
+Computed on the device, from the globally reduced loss and gradient norm every rank
+already agrees on, so that the verdict (and the skip it decides) never waits for the host:
+the history lives in two small float64 ring buffers on the device, and medians are
+taken by sorting the filled part, with the same float64 arithmetic as Python's
+``statistics.median`` (identical verdicts on CPU and CUDA, and to the plain-Python rule
+this replaced, checked on 6000 random steps under 30 settings). The price is about 130 tiny
+tensor ops a step where the plain-Python rule took 0.15 ms: 1.5-2.5 ms measured on this
+2-core CPU while shared by a dozen processes; on CUDA about as many kernel launches, queued
+asynchronously (fusing them, e.g. with torch.compile, is left to do). Every rank reaches
+the same verdict, and so does a resumed run, given :meth:`SpikeDetector.state_dict`.
 """
 from __future__ import annotations
 
-import math
-from collections import deque
-from statistics import median
+import torch
+import torch.nn.functional as F
 
 OK, SPIKE, NONFINITE = "ok", "spike", "nonfinite"
+KINDS = (OK, SPIKE, NONFINITE)  # a verdict's code on the device is its index here
 
 # Right after a spike the next step is judged at this fraction of the threshold (module docstring).
 AFTER_SPIKE = 0.5
@@ -94,78 +100,126 @@ FLOOR_OF_LAST = 3
 MAD_TO_SIGMA = 1.4826
 
 
-def robust_stats(values) -> tuple[float, float]:
-    """(median, robust sigma) of ``values``: sigma = 1.4826 * median(|x - median|)."""
-    center = median(values)
-    return center, MAD_TO_SIGMA * median([abs(x - center) for x in values])
+def _last(buf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``n`` filled (rightmost) slots of a right-aligned ring buffer."""
+    return torch.arange(buf.numel(), device=buf.device) >= buf.numel() - n
 
 
-def trend_next(values) -> float:
-    """The next value of ``values`` (equally spaced) by Tukey's resistant line: the slope
-    joins the medians of the first and last thirds, the intercept is the median residual.
-    One outlier among the points moves it little; fewer than 3 points give their median."""
-    y = list(values)
-    n = len(y)
-    if n < 3:
-        return median(y)
-    third = n // 3
+def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``statistics.median`` of each row's ``values[mask]`` without leaving the device: the mean
+    of the two middle order statistics (the same one twice for an odd count); NaN for none.
+    Rows are batched (one sort for all) because at these sizes every kernel launch costs
+    more than its work."""
+    ordered = values.masked_fill(~mask, torch.inf).sort(dim=-1).values
+    k = mask.sum(dim=-1, keepdim=True)
+    mid = ordered.gather(-1, torch.cat([(k - 1).clamp(min=0) // 2, k // 2], dim=-1))
+    return mid.sum(dim=-1).div(2).masked_fill(k[..., 0] == 0, torch.nan)
+
+
+def _aligned(buf: torch.Tensor, n: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``buf`` right-aligned in ``length`` slots, and each slot's index within its ``n`` filled
+    slots (negative: empty)."""
+    x = torch.arange(length, device=buf.device) - (length - n)
+    return F.pad(buf, (length - buf.numel(), 0)), x
+
+
+def trend_and_spread(losses: torch.Tensor, n_losses, errors: torch.Tensor, n_errors) -> tuple:
+    """The rule's robust statistics in two batched medians: (the next value of the filled
+    ``losses`` by Tukey's resistant line, the median of the filled ``errors``, their robust sigma
+    1.4826 * median(|e - median|)). The line's slope joins the medians of the first and last
+    thirds, its intercept is the median residual, so one outlier among the points moves it
+    little; fewer than 3 points give their median."""
+    length = max(losses.numel(), errors.numel())
+    y, x = _aligned(losses, n_losses, length)
+    e, xe = _aligned(errors, n_errors, length)
+    filled, third, errs = x >= 0, n_losses // 3, xe >= 0
+    first, last, whole, center = masked_median(
+        torch.stack([y, y, y, e]), torch.stack([filled & (x < third), x >= n_losses - third, filled, errs]))
     # the x of a third is the median of its indices: (third - 1) / 2 and n - 1 - (third - 1) / 2
-    slope = (median(y[-third:]) - median(y[:third])) / (n - third)
-    return median([v - slope * x for x, v in enumerate(y)]) + slope * n
+    slope = (last - first) / (n_losses - third)
+    residual, mad = masked_median(torch.stack([y - slope * x, (e - center).abs()]), torch.stack([filled, errs]))
+    return torch.where(n_losses < 3, whole, residual + slope * n_losses), center, MAD_TO_SIGMA * mad
+
+
+def trend_next(values) -> torch.Tensor:
+    """The next value of ``values`` (equally spaced) by the resistant line of :func:`trend_and_spread`."""
+    y = torch.as_tensor(values, dtype=torch.float64)
+    return trend_and_spread(y, torch.tensor(y.numel()), y[:0], torch.tensor(0))[0]
 
 
 class SpikeDetector:
     """Per-step verdict (ok | spike | nonfinite) from the loss's recent trend and its errors."""
 
     def __init__(self, window: int = 128, warmup: int = 10, threshold: float = 6.0,
-                 trend: int = 8, min_spread: float = 0.01):
+                 trend: int = 8, min_spread: float = 0.01, device: torch.device | str = "cpu"):
         self.window, self.warmup, self.threshold = window, warmup, threshold
         self.trend, self.min_spread = trend, min_spread
-        self.losses: deque[float] = deque(maxlen=trend)   # the last normal losses: the trend
-        self.errors: deque[float] = deque(maxlen=window)  # their one-step errors: the spread
-        self.seen = 0  # normal steps seen in total
-        self.after_spike = False  # the last judged finite step was a spike
+        self.device = torch.device(device)
+        self.load_state_dict({"seen": 0, "after_spike": False, "losses": [], "errors": []})
 
     @classmethod
-    def from_config(cls, cfg) -> "SpikeDetector":
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> "SpikeDetector":
         """From the ``stability`` section of a :class:`bigtrain.config.Config`."""
-        return cls(cfg.window, cfg.warmup, cfg.threshold, cfg.trend, cfg.min_spread)
+        return cls(cfg.window, cfg.warmup, cfg.threshold, cfg.trend, cfg.min_spread, device)
 
-    @property
-    def warm(self) -> bool:
-        # at least 2 errors, so that a MAD exists (warmup >= 1 and a short trend could allow fewer)
-        return self.seen >= self.warmup and len(self.errors) >= 2
-
-    def score(self, loss: float, expected: float) -> dict:
-        """The loss's z-score against the trend's ``expected`` loss and the errors' spread."""
-        bias, spread = robust_stats(self.errors)
-        spread = max(spread, self.min_spread * abs(expected), 1e-12)
-        return {"loss_z": (loss - expected - bias) / spread, "expected": expected + bias, "spread": spread}
-
-    def judge(self, loss: float, grad_norm: float, nonfinite: bool = False) -> tuple[str, dict]:
-        """The verdict on one step and the numbers behind a spike; a normal step joins the history."""
-        if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return NONFINITE, {}
+    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> tuple:
+        """The verdict on one step as device tensors, ``(code, details)``: ``code`` indexes
+        :data:`KINDS`; ``details`` holds (loss_z, expected, spread), meaningful for a spike.
+        A normal step joins the history. Nothing is read by the host."""
+        loss = loss.to(self.device, torch.float64)
+        finite = ~nonfinite & loss.isfinite() & grad_norm.isfinite()
         # never below the lowest of the last few losses: a slope steepened by a recovery (a
         # transient during warm-in) must not predict a fall the run is not making
-        expected = max(trend_next(self.losses), min(list(self.losses)[-FLOOR_OF_LAST:])) if self.losses else loss
-        if self.warm:
-            score = self.score(loss, expected)
-            if score["loss_z"] > self.threshold * (AFTER_SPIKE if self.after_spike else 1.0):
-                self.after_spike = True
-                return SPIKE, {k: round(v, 6) for k, v in score.items()}
-        self.after_spike = False
-        if self.losses:
-            self.errors.append(loss - expected)
-        self.losses.append(loss)
-        self.seen += 1
-        return OK, {}
+        recent = self.losses.masked_fill(~_last(self.losses, self.n_losses.clamp(max=FLOOR_OF_LAST)), torch.inf)
+        trend, bias, spread = trend_and_spread(self.losses, self.n_losses, self.errors, self.n_errors)
+        expected = torch.where(self.n_losses > 0, torch.maximum(trend, recent.min()), loss)
+        spread = torch.maximum(spread, self.min_spread * expected.abs()).clamp(min=1e-12)
+        z = (loss - expected - bias) / spread
+        # at least 2 errors, so that a MAD exists (warmup >= 1 and a short trend could allow fewer)
+        warm = (self.seen >= self.warmup) & (self.n_errors >= 2)
+        bar = torch.where(self.after_spike, self.threshold * AFTER_SPIKE, self.threshold)
+        spike = finite & warm & (z > bar)
+        ok = finite & ~spike
+        self.after_spike = torch.where(finite, spike, self.after_spike)
+        self._append("errors", loss - expected, ok & (self.n_losses > 0))
+        self._append("losses", loss, ok)
+        self.seen = self.seen + ok.long()
+        code = torch.where(finite, spike.long(), KINDS.index(NONFINITE))
+        return code, torch.stack([z, expected + bias, spread])
+
+    def _append(self, name: str, value: torch.Tensor, where: torch.Tensor) -> None:
+        """Push ``value`` into ring buffer ``name`` (oldest out) only ``where`` is true."""
+        buf, count = getattr(self, name), getattr(self, f"n_{name}")
+        pushed = torch.cat([buf[1:], value.reshape(1)])
+        setattr(self, name, torch.where(where, pushed, buf))
+        setattr(self, f"n_{name}", torch.where(where, (count + 1).clamp(max=buf.numel()), count))
+
+    def judge(self, loss: float, grad_norm: float, nonfinite: bool = False) -> tuple[str, dict]:
+        """:meth:`verdict` for host numbers, read back at once (offline replays and tests)."""
+        as_tensor = lambda v, dtype=torch.float64: torch.tensor(v, dtype=dtype, device=self.device)  # noqa: E731
+        code, details = self.verdict(as_tensor(loss), as_tensor(grad_norm), as_tensor(nonfinite, torch.bool))
+        kind = KINDS[int(code)]
+        return kind, (spike_details(details.tolist()) if kind == SPIKE else {})
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "after_spike": self.after_spike,
-                "losses": list(self.losses), "errors": list(self.errors)}
+        """Plain numbers (a host read: checkpoints only)."""
+        return {"seen": int(self.seen), "after_spike": bool(self.after_spike),
+                "losses": self.losses[self.trend - int(self.n_losses):].tolist(),
+                "errors": self.errors[self.window - int(self.n_errors):].tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seen, self.after_spike = int(state["seen"]), bool(state["after_spike"])
-        self.losses = deque((float(v) for v in state["losses"]), maxlen=self.trend)
-        self.errors = deque((float(v) for v in state["errors"]), maxlen=self.window)
+        def ring(values, size):
+            values = [float(v) for v in values][-size:]
+            buf = torch.zeros(size, dtype=torch.float64)
+            if values:
+                buf[size - len(values):] = torch.tensor(values, dtype=torch.float64)
+            return buf.to(self.device), torch.tensor(len(values), device=self.device)
+        self.losses, self.n_losses = ring(state["losses"], self.trend)
+        self.errors, self.n_errors = ring(state["errors"], self.window)
+        self.seen = torch.tensor(int(state["seen"]), device=self.device)
+        self.after_spike = torch.tensor(bool(state["after_spike"]), device=self.device)
+
+
+def spike_details(values) -> dict:
+    """The numbers behind a spike, for the ledger, from a verdict's ``details`` read back."""
+    return {k: round(float(v), 6) for k, v in zip(("loss_z", "expected", "spread"), values)}

@@ -27,6 +27,12 @@ training loop carries the decision out (:mod:`bigtrain.stability.recovery`).
   coming back after a rollback stops the run. The loop writes ``RUN_DIR/ABORTED``
   and raises :class:`StabilityAbort` (exit status 3); the run stays aborted.
 
+The verdict is taken on the device (:meth:`Guard.judge`, from the detector's device
+state), so the skip it decides needs no host sync; the host learns the verdict a step
+later (:meth:`StepVerdict.read` of the values the loop staged) and only then takes the
+decisions below (:meth:`Guard.after_step`): an anomalous update was never applied, so
+deciding a rollback one step late loses nothing but that step's compute.
+
 Every decision is appended to ``RUN_DIR/ledger.jsonl``. The guard's state goes into
 every checkpoint, so a resumed run decides alike. A rollback restores the detector
 and the episode from the checkpoint (they belong to that model state) but keeps what
@@ -40,10 +46,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from bigtrain.config import StabilityConfig
 from bigtrain.ledger import Ledger
 from bigtrain.parallel.env import DistEnv
-from bigtrain.stability.detector import NONFINITE, OK, SpikeDetector
+from bigtrain.stability.detector import KINDS, NONFINITE, OK, SPIKE, SpikeDetector, spike_details
 
 GO_ON, ROLLBACK, ABORT = "go on", "roll back", "abort"
 
@@ -67,6 +75,37 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class StepVerdict:
+    """A verdict as the device holds it (0-d tensors, nothing read by the host)."""
+    code: torch.Tensor        # index into detector.KINDS
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    details: torch.Tensor     # (loss_z, expected, spread) of a spike
+
+    SIZE = 6  # len(values())
+
+    @property
+    def apply(self) -> torch.Tensor:
+        """0-d bool on the device: whether the update may be applied."""
+        return self.code == KINDS.index(OK)
+
+    def values(self) -> torch.Tensor:
+        """Everything the host needs, as one float64 vector to copy back in one go."""
+        return torch.cat([torch.stack([self.code.double(), self.loss.double(), self.grad_norm.double()]),
+                          self.details.double()])
+
+    @staticmethod
+    def from_values(values: list[float]) -> Verdict:
+        """The host's :class:`Verdict` from :meth:`values` read back."""
+        kind = KINDS[int(values[0])]
+        return Verdict(kind, values[1], values[2], spike_details(values[3:6]) if kind == SPIKE else {})
+
+    def read(self) -> Verdict:
+        """:meth:`from_values` of this verdict, read now (a host sync; tests and tools)."""
+        return self.from_values(self.values().tolist())
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the loop must do after a step. ``episode``: the anomalous steps in a row, each
     ``{"step", "start", "end", "size"}`` (its stream window and global batch size)."""
@@ -82,30 +121,35 @@ class Decision:
 class Guard:
     def __init__(self, cfg: StabilityConfig, env: DistEnv, ledger: Ledger):
         self.cfg, self.env, self.ledger = cfg, env, ledger
-        self.detector = SpikeDetector.from_config(cfg)
+        self.detector = SpikeDetector.from_config(cfg, env.device)
         self.episode: list[dict] = []    # the open episode: consecutive anomalous steps
         self.chain: dict | None = None   # {"start", "rollbacks", "normal"}: the rollbacks that count together
         self.rollbacks: list[dict] = []  # every rollback of the run, for the abort message
         self.skipped = 0                 # updates not applied, over the whole run
-        self.last: Verdict | None = None
+        self.last: StepVerdict | None = None
 
     # ------------------------------------------------------------------ per step
-    def judge(self, loss: float, grad_norm: float, local_nonfinite: bool) -> Verdict:
-        """The verdict on a step, before its update. ``local_nonfinite`` is this rank's
-        own view (its loss or any of its gradients); it is OR-reduced over ranks, so a
-        NaN that only one rank sees still stops the update on every rank."""
-        nonfinite = self.env.any(local_nonfinite)
+    def judge(self, loss, grad_norm, nonfinite) -> StepVerdict:
+        """The verdict on a step, before its update, on the device. ``nonfinite``: some rank
+        saw a NaN/inf (:class:`~bigtrain.parallel.base.StepStats` has it OR-reduced over
+        ranks), so a NaN that only one rank sees still stops the update on every rank.
+        Host numbers are accepted too (tests, offline replays)."""
+        device = self.env.device
+        loss, grad_norm = (torch.as_tensor(v, dtype=torch.float64, device=device) for v in (loss, grad_norm))
+        nonfinite = torch.as_tensor(nonfinite, device=device)
         if self.cfg.enabled:
-            kind, details = self.detector.judge(loss, grad_norm, nonfinite)
+            code, details = self.detector.verdict(loss, grad_norm, nonfinite)
         else:
-            kind, details = (NONFINITE if nonfinite else OK), {}
-        self.last = Verdict(kind, loss, grad_norm, details)
+            code = torch.where(nonfinite, KINDS.index(NONFINITE), KINDS.index(OK))
+            details = torch.zeros(3, device=device)
+        self.last = StepVerdict(code, loss, grad_norm, details)
         return self.last
 
-    def after_step(self, step: int, start: int, end: int, size: int) -> Decision:
+    def after_step(self, step: int, start: int, end: int, size: int, verdict: Verdict | None = None) -> Decision:
         """Record the verdict of ``step`` (it read stream positions ``[start, end)``, a global
-        batch of ``size``) and decide what the loop does next."""
-        v = self.last
+        batch of ``size``) and decide what the loop does next. ``verdict``: as the host
+        learnt it (default: read :attr:`last` now)."""
+        v = verdict or self.last.read()
         if v.apply:
             self.episode = []
             if self.chain is not None and step >= self.chain["start"]:

@@ -1,0 +1,270 @@
+"""bigtrain's fixed per-step cost: its training loop against a bare nanoGPT-style loop.
+
+    python bench/overhead.py [--sizes tiny,25M,124M] [--repeats 3] [--timed-steps N]
+                             [--recipe-steps 2000] [--recipe-repeats 2] [--compile]
+
+Prints one JSON object. Three sizes (fp32 for the char model as nanoGPT runs it on a CPU,
+bf16 autocast for the others):
+
+* ``tiny``: nanoGPT's CPU recipe (4 layers x 4 heads x 128, context 64, batch 12, char-level
+  tiny Shakespeare; 0.8M parameters);
+* ``25M``: 8 x 8 x 512, context 128, batch 8 (bytes);
+* ``124M``: the gpt2-124m preset at context 64, batch 4 (byte tokens under a 50257 vocabulary).
+
+Both loops build the same model (bigtrain's GPT, same seed) and the same optimizer
+(bigtrain's AdamW and parameter groups, at the same LR schedule); the bare loop reads
+random windows of the same memory-mapped tokens synchronously, clips with
+``clip_grad_norm_`` and reads the loss on logging steps (every 10), as nanoGPT does.
+Wall time per step is measured between step starts after a warm-up, alternating the two
+loops ``--repeats`` times; medians are reported. ``phases_ms`` is a per-step breakdown
+from a separate run under ``torch.profiler`` (the ``bigtrain/<phase>`` ranges of
+:mod:`bigtrain.phases`, which the bare loop labels too; the profiler inflates all of it
+a little). ``prefetch_ready`` is the fraction of steps whose batch the loader's thread had
+finished before the loop asked for it.
+
+``recipe``: the whole small recipe (``tiny``, ``--recipe-steps`` steps, eval every 250 steps on
+20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
+``python -m bigtrain train`` against this file's ``--bare-recipe`` mode (the same work in a
+bare loop, ``torch.save`` at the end). ``--compile`` adds the ``tiny`` and ``25M`` loops with
+``parallel.compile=true`` (and the bare loop with the same per-block ``torch.compile``), with the
+first step's time (the compile) reported apart.
+
+The machine may be shared: timings are noisy; see ``load_before``/``load_after``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigtrain.config import load_config
+from bigtrain.data.prepare import prepare
+from bigtrain.data.splits import open_splits
+from bigtrain.model.gpt import GPT, lm_loss
+from bigtrain.optim import build_optimizer, lr_at
+from bigtrain.parallel.base import prepare_blocks
+from bigtrain.parallel.env import DistEnv
+from bigtrain.phases import PHASES, phase
+from bigtrain.trainer import Trainer
+from common import SHAKESPEARE
+
+CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+QUIET = ["logging.tensorboard=false", "logging.progress=off", "eval.batches=0", "checkpoint.every=0",
+         "checkpoint.resume=never", "logging.every=10", "schedule.warmup_steps=10"]
+SIZES = {  # overrides, tokenizer, vocab override, warm-up steps, timed steps
+    "tiny": (["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=64", "model.bias=false",
+              "batch.global_size=12", "batch.micro_size=12", "parallel.precision=fp32", "optim.lr=1e-3"],
+             "char", None, 20, 100),
+    "25M": (["model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.seq_len=128",
+             "batch.global_size=8", "batch.micro_size=8", "parallel.precision=bf16"], "bytes", None, 3, 8),
+    "124M": (["model.preset=gpt2-124m", "model.seq_len=64", "batch.global_size=4", "batch.micro_size=4",
+              "parallel.precision=bf16"], "bytes", 50257, 2, 5),
+}
+RECIPE = ["schedule.warmup_steps=100", "schedule.min_lr=1e-4", "eval.every=250", "eval.batches=20",
+          "logging.every=10", "logging.tensorboard=false", "logging.progress=off", "checkpoint.every=0",
+          "checkpoint.resume=never"]
+
+
+def data_dir(tokenizer: str, tmp: Path) -> str:
+    out = tmp / f"data-{tokenizer}"
+    if not out.exists():
+        prepare(str(SHAKESPEARE) if SHAKESPEARE.is_file() else "stdlib", tokenizer, str(out), overwrite=True)
+    return str(out)
+
+
+def size_config(name: str, tmp: Path, steps: int, extra: list[str] = ()):
+    overrides, tokenizer, vocab, _, _ = SIZES[name]
+    cfg = load_config(overrides=QUIET + overrides + list(extra) + [
+        f"data.path={data_dir(tokenizer, tmp)}", f"run_dir={tmp / 'runs' / name}", f"schedule.max_steps={steps}"])
+    data, train, val = open_splits(cfg)
+    if vocab is not None:  # byte tokens under GPT-2's vocabulary: the model's size is what is measured
+        data = copy.copy(data)
+        data.vocab_size = vocab
+    return cfg, (data, train, val)
+
+
+# ---------------------------------------------------------------- the bare loop (nanoGPT's shape)
+def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None) -> list[float]:
+    """nanoGPT's training loop around bigtrain's model and optimizer; returns each step's start time."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    prepare_blocks(model, cfg)   # per-block compile, when asked, exactly as bigtrain does it
+    opt = build_optimizer(model, cfg)
+    seq, rows, clip = cfg.model.seq_len, cfg.batch.global_size, cfg.optim.grad_clip
+    bf16 = cfg.parallel.precision == "bf16"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    marks = []
+    for it in range(steps):
+        marks.append(time.perf_counter())
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, rows, cfg)
+        with phase("data"):
+            ix = torch.randint(split.tokens - seq - 1, (rows,), generator=gen).tolist()
+            x = torch.from_numpy(np.stack([split.read(i, seq + 1) for i in ix]))
+        with phase("forward_backward"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x[:, :-1])
+            ce, _ = lm_loss(logits, x[:, 1:])
+            loss = ce / x[:, 1:].numel()
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if (it + 1) % log_every == 0:
+            with phase("log"):
+                print(f"iter {it + 1}: loss {loss.item():.4f}", flush=True)
+        if evals is not None and (it + 1) % evals[0] == 0:
+            evaluate(model, evals[1], cfg, evals[2])
+    if save is not None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, save)
+    return marks
+
+
+@torch.no_grad()
+def evaluate(model, split, cfg, batches: int) -> float:
+    model.eval()
+    seq, rows, total = cfg.model.seq_len, cfg.batch.global_size, 0.0
+    for b in range(batches):
+        x = torch.from_numpy(split.batch(range(b * rows, (b + 1) * rows), seq))
+        total += float(lm_loss(model(x[:, :-1]), x[:, 1:])[0]) / x[:, 1:].numel()
+    model.train()
+    return total / batches
+
+
+# ---------------------------------------------------------------- bigtrain's loop
+def bigtrain_loop(cfg, splits, stats: dict | None = None) -> list[float]:
+    """``Trainer.fit`` as it runs; returns each step's start time (``stats`` gets prefetch counts)."""
+    run_dir = Path(cfg.run_dir)
+    cfg = cfg.model_copy(update={"run_dir": str(run_dir.parent / f"{run_dir.name}-{time.time_ns()}")})
+    trainer = Trainer(cfg, CPU, splits)
+    marks, get = [], trainer.loader.get
+
+    def timed_get(position, size, next_size=None):
+        marks.append(time.perf_counter())
+        if stats is not None:
+            pending = trainer.loader.pending
+            stats["ready"] = stats.get("ready", 0) + bool(pending is not None and pending[1].done())
+            stats["asked"] = stats.get("asked", 0) + 1
+        return get(position, size, next_size)
+
+    trainer.loader.get = timed_get
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return marks
+
+
+def per_step_ms(marks: list[float], warm: int) -> float:
+    return (marks[-1] - marks[warm]) / (len(marks) - 1 - warm) * 1e3
+
+
+def phases_ms(run, steps: int) -> dict:
+    """Per-step milliseconds in each ``bigtrain/<phase>`` range of a run under the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("bigtrain/")}
+    return {p: round(totals.get(f"bigtrain/{p}", 0.0) / steps / 1e3, 3) for p in PHASES
+            if f"bigtrain/{p}" in totals}
+
+
+def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), timed: int | None = None) -> dict:
+    _, _, _, warm, steps = SIZES[name]
+    steps = timed or steps
+    cfg, splits = size_config(name, tmp, warm + steps, extra)
+    bare, ours, first, stats = [], [], {"bare": [], "bigtrain": []}, {}
+    for _ in range(repeats):
+        marks = bare_loop(cfg, splits[1], warm + steps)
+        bare.append(per_step_ms(marks, warm))
+        first["bare"].append((marks[1] - marks[0]) * 1e3)
+        marks = bigtrain_loop(cfg, splits, stats)
+        ours.append(per_step_ms(marks, warm))
+        first["bigtrain"].append((marks[1] - marks[0]) * 1e3)
+    profiled = min(steps, 10)
+    pcfg, psplits = size_config(name, tmp, warm + profiled, extra)
+    b, o = statistics.median(bare), statistics.median(ours)
+    return {
+        "params_M": round(GPT(cfg.model).num_params() / 1e6, 2), "precision": cfg.parallel.precision,
+        "batch": cfg.batch.global_size, "seq_len": cfg.model.seq_len, "timed_steps": steps, "repeats": repeats,
+        "bare_ms_per_step": round(b, 2), "bigtrain_ms_per_step": round(o, 2),
+        "difference_ms": round(o - b, 2), "bigtrain_vs_bare": round(o / b, 4),
+        "all_bare_ms": [round(x, 2) for x in bare], "all_bigtrain_ms": [round(x, 2) for x in ours],
+        "first_step_ms": {k: round(statistics.median(v), 1) for k, v in first.items()},
+        "prefetch_ready": round(stats["ready"] / max(1, stats["asked"]), 3),
+        "phases_ms": {"bare": phases_ms(lambda: bare_loop(pcfg, psplits[1], warm + profiled), warm + profiled),
+                      "bigtrain": phases_ms(lambda: bigtrain_loop(pcfg, psplits), warm + profiled)},
+    }
+
+
+# ---------------------------------------------------------------- the whole small recipe
+def recipe_args(tmp: Path, steps: int, run_dir: Path) -> list[str]:
+    """The recipe as a command line: a config file (the CLI wants one) and overrides."""
+    (tmp / "recipe.yaml").write_text(f"run_dir: {run_dir}\n")
+    return [str(tmp / "recipe.yaml"), *QUIET, *SIZES["tiny"][0], *RECIPE, f"data.path={data_dir('char', tmp)}",
+            f"run_dir={run_dir}", f"schedule.max_steps={steps}"]
+
+
+def bare_recipe(args: list[str]) -> None:
+    """This file's ``--bare-recipe`` mode: the recipe's work in the bare loop, in a fresh process."""
+    cfg = load_config(args[0], overrides=args[1:])
+    _, train, val = open_splits(cfg)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    bare_loop(cfg, train, cfg.schedule.max_steps, cfg.logging.every, Path(cfg.run_dir) / "ckpt.pt",
+              (cfg.eval.every, val, cfg.eval.batches))
+
+
+def recipe(tmp: Path, steps: int, repeats: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    walls = {"bare": [], "bigtrain": []}
+    for r in range(repeats):
+        for kind in ("bare", "bigtrain"):
+            run_dir = tmp / f"recipe-{kind}-{r}"
+            args = recipe_args(tmp, steps, run_dir)
+            cmd = [sys.executable, __file__, "--bare-recipe", *args] if kind == "bare" else \
+                [sys.executable, "-m", "bigtrain", "train", *args]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            walls[kind].append(time.perf_counter() - t0)
+    b, o = statistics.median(walls["bare"]), statistics.median(walls["bigtrain"])
+    return {"steps": steps, "repeats": repeats, "bare_s": round(b, 2), "bigtrain_s": round(o, 2),
+            "bigtrain_vs_bare": round(o / b, 4), "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="tiny,25M,124M")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per loop (default: per size)")
+    ap.add_argument("--recipe-steps", type=int, default=2000, help="0: skip the whole-recipe comparison")
+    ap.add_argument("--recipe-repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time parallel.compile=true (tiny, 25M)")
+    ap.add_argument("--bare-recipe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare_recipe is not None:
+        return bare_recipe(args.bare_recipe)
+    tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
+    out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
+    for name in args.sizes.split(","):
+        out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
+        if args.compile and name != "124M":
+            out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"],
+                                                           args.timed_steps)
+    if args.recipe_steps:
+        out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
+    out["load_after"] = os.getloadavg()[0]
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
