@@ -49,14 +49,18 @@ def test_exit_status_is_the_launchers_or_3_when_the_run_aborted(tmp_path, child_
     if abort_file:
         aborted(tmp_path)
     if child_status < 0:
-        threading.Thread(target=kill_when_ready, args=(tmp_path, p), daemon=True).start()
+        bystanders = {c.pid for c in psutil.Process().children()}
+        threading.Thread(target=kill_when_ready, args=(tmp_path, bystanders), daemon=True).start()
     assert run(p) == status
 
 
-def kill_when_ready(run_dir: Path, p: Plan) -> None:
+def kill_when_ready(run_dir: Path, bystanders: set[int]) -> None:
+    """Kill the launched child: not one of ``bystanders``, the children this test process had
+    before (e.g. the resource tracker multiprocessing starts when an earlier test ran a
+    `prepare` with workers)."""
     wait_for(run_dir / "ready")
-    [child] = psutil.Process().children()
-    child.kill()
+    [child] = {c.pid for c in psutil.Process().children()} - bystanders
+    psutil.Process(child).kill()
 
 
 def wait_for(path: Path, timeout: float = 30) -> None:
