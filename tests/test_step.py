@@ -103,12 +103,18 @@ def equal(a, b) -> bool:
     return a == b
 
 
-def test_discard_changes_nothing_and_the_next_update_is_as_if_the_step_never_happened():
-    cfg = config()
-    skipping, plain = fresh(cfg), fresh(cfg)
-    for backend in (skipping, plain):
+def two_after_one_update(cfg) -> tuple[LocalBackend, LocalBackend]:
+    """Two equal backends that have applied the same first update (so Adam's state is real)."""
+    backends = fresh(cfg), fresh(cfg)
+    for backend in backends:
         backend.measure(batch(0, cfg), MICRO)
         backend.update(1e-3, cfg.optim.grad_clip)
+    return backends
+
+
+def test_discard_changes_nothing_and_the_next_update_is_as_if_the_step_never_happened():
+    cfg = config()
+    skipping, plain = two_after_one_update(cfg)
     before = snapshot(skipping)
     stats = skipping.measure(batch(1, cfg), MICRO)
     skipping.discard()
@@ -180,10 +186,7 @@ def test_an_update_not_applied_on_the_device_changes_nothing_nan_or_not(poisoned
     moments and step counts bitwise as they were, even with NaN gradients, and the next
     applied update is the one a run without the skipped step would make."""
     cfg = config()
-    skipping, plain = fresh(cfg), fresh(cfg)
-    for backend in (skipping, plain):
-        backend.measure(batch(0, cfg), MICRO)
-        backend.update(1e-3, cfg.optim.grad_clip)
+    skipping, plain = two_after_one_update(cfg)
     before = snapshot(skipping)
     poison = (lambda b: b.grads()[0].view(-1).__setitem__(0, float("nan"))) if poisoned else None
     stats = skipping.measure(batch(1, cfg), MICRO, after_backward=poison)
