@@ -34,7 +34,11 @@ def test_an_unknown_gpu_gets_no_peak_rather_than_a_guess():
 def test_the_cpu_peak_is_measured_once_then_the_same_number_every_run(tmp_path, monkeypatch):
     monkeypatch.setenv("BIGTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr("bigtrain.peak.MATMUL_SIZE", 256)  # keep the test fast; the key records the size
+    torch.manual_seed(5)
     first = cpu_peak("fp32")
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # measuring did not move the run's RNG (its dropout masks)
     assert first.flops > 0 and "measured now" in first.source
     again = cpu_peak("fp32")
     assert again.flops == first.flops and "cached" in again.source
