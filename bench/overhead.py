@@ -60,7 +60,7 @@ from common import SHAKESPEARE
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 QUIET = ["logging.tensorboard=false", "logging.progress=off", "eval.batches=0", "checkpoint.every=0",
-         "checkpoint.resume=never", "logging.every=10", "schedule.warmup_steps=10"]
+         "checkpoint.resume=never", "logging.every=10", "schedule.warmup_steps=100"]
 SIZES = {  # overrides, tokenizer, vocab override, warm-up steps, timed steps
     "tiny": (["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=64", "model.bias=false",
               "batch.global_size=12", "batch.micro_size=12", "parallel.precision=fp32", "optim.lr=1e-3"],
