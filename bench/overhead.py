@@ -135,11 +135,12 @@ def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = N
 def evaluate(model, split, cfg, batches: int) -> float:
     model.eval()
     seq, rows, total = cfg.model.seq_len, cfg.batch.global_size, 0.0
+    batches = min(batches, split.num_samples(seq) // rows)  # as bigtrain's eval: no more than the split holds
     for b in range(batches):
         x = torch.from_numpy(split.batch(range(b * rows, (b + 1) * rows), seq))
         total += float(lm_loss(model(x[:, :-1]), x[:, 1:])[0]) / x[:, 1:].numel()
     model.train()
-    return total / batches
+    return total / max(batches, 1)
 
 
 # ---------------------------------------------------------------- bigtrain's loop
