@@ -167,7 +167,7 @@ def test_two_ranks_keep_the_ema_of_one_process(backend, one_process, prose_bytes
     # The EMA of 2 ranks may differ from one process's no more than the weights it averages do:
     # ZeRO-3's partitioned reductions round differently, and Adam turns that into weight
     # differences of up to ~1e-4 after 10 steps on near-zero gradients (the losses agree to 1e-6).
-    weights = {n: (p - q).abs().max() for (n, p), q in zip(load_model(one_process).named_parameters(),
+    weights = {n: (p - q).detach().abs().max() for (n, p), q in zip(load_model(one_process).named_parameters(),
                                                           load_model(tmp_path / "two").parameters(), strict=True)}
     one, two = load_model(one_process, ema=True), load_model(tmp_path / "two", ema=True)
     for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
