@@ -11,7 +11,9 @@ The plan (Megatron-LM's split, with sequence parallelism; the torchtitan recipe)
 * ``attn.q``, ``attn.k``, ``attn.v``: ``ColwiseParallel``. Their output rows are heads,
   so each rank computes ``n_head / tp`` query and ``n_kv_head / tp`` key/value heads and
   attention runs on its own heads with no communication (hence tp must divide both head
-  counts; the module is told its local head counts here). ``attn.proj``:
+  counts; the attention module reads its head counts from the projections' local outputs).
+  QK-norm weights are shared by all heads: replicated, each rank normalising its own heads
+  (``SequenceParallel`` over the heads dim), their gradients summed over the group. ``attn.proj``:
   ``RowwiseParallel``, its input is the local heads' output; its partial sums are
   reduce-scattered over the sequence (``Shard(1)``).
 * MLP: ``fc`` (or ``gate`` and ``up``) column-wise, ``proj`` row-wise: the hidden
@@ -76,7 +78,7 @@ def check_tp(cfg, world: int) -> None:
     if p.backend != "fsdp":
         raise ConfigError(f"config error: parallel.tp={tp} needs parallel.backend=fsdp (tensor parallelism is "
                           f"combined with FSDP2; backend {p.backend} stays data parallel)")
-    need = {"model.n_head": m.n_head, "model.n_kv_head": getattr(m, "n_kv_head", None) or m.n_head,
+    need = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads,
             "model.ffn_dim": m.ffn_dim, "model.seq_len": m.seq_len, "world size": world}
     if p.loss_parallel:
         need["model.vocab_size"] = m.vocab_size
@@ -125,6 +127,9 @@ def block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
     for name in ("fc", "gate", "up"):
         if hasattr(block.mlp, name):
             plan[f"mlp.{name}"] = ColwiseParallel()
+    if block.attn.q_norm is not None:  # per head, on this rank's heads [B, T, heads, hd]: heads are dim 2
+        plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     return plan
 
 
@@ -132,7 +137,6 @@ def parallelize(model: nn.Module, mesh, loss_parallel: bool) -> None:
     """Apply the plan to ``model`` (a :class:`bigtrain.model.gpt.GPT`, on ``meta`` or built) over
     the 1-D tp ``mesh``, in place: parameter names are unchanged, so checkpoints and exports
     are too."""
-    tp = mesh.size()
     top: dict[str, ParallelStyle] = {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm_f": SequenceParallel(),
@@ -147,10 +151,6 @@ def parallelize(model: nn.Module, mesh, loss_parallel: bool) -> None:
         model.lm_head.weight = model.tok_emb.weight
     for block in model.blocks:
         parallelize_module(block, mesh, block_plan(block))
-        attn = block.attn
-        attn.n_head //= tp  # each rank attends with its own heads
-        if hasattr(attn, "n_kv_head"):
-            attn.n_kv_head //= tp
 
 
 def replicas(t: torch.Tensor, world: int) -> int:
