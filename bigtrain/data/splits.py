@@ -14,8 +14,9 @@ from bigtrain.parallel.tp import check_tp
 
 
 def check_world(cfg: Config, world: int) -> None:
-    """Every batch size the run will use must split evenly over ranks and micro-batches;
-    every fault it injects must exist in this world (:func:`bigtrain.faults.check_faults`)."""
+    """The tensor-parallel layout must split the model and the world (:func:`bigtrain.parallel.tp.check_tp`);
+    every batch size the run will use must split evenly over data-parallel ranks (world / tp) and
+    micro-batches; every fault it injects must exist in this world (:func:`bigtrain.faults.check_faults`)."""
     check_tp(cfg, world)
     dp = world // cfg.parallel.tp  # a tp group reads the same rows: the batch splits over dp ranks
     ranks = f"world size {world}" if dp == world else f"data-parallel size {dp} (world {world} / tp {cfg.parallel.tp})"

@@ -17,6 +17,12 @@ every rank, which is the memory FSDP exists to save. FSDP averages over ranks;
 each rank's loss is already the token mean of its own equal share of the
 global batch, so the average is the global token-weighted mean.
 
+With ``parallel.tp > 1`` the world is a ``(dp, tp)`` mesh: the tensor-parallel plan
+(:mod:`bigtrain.parallel.tp`) splits every layer over its tp group first, then FSDP
+shards the resulting DTensors over the dp dim only (their placements become 2-D,
+e.g. ``(_StridedShard(0), Shard(0))`` for a column-wise weight), as torchtitan
+composes them. The gradient norm counts each value once over both dims.
+
 Initialisation: the trainer builds the model on ``meta``; it is sharded there (no
 memory) and only then materialised, each rank writing its own shards of each
 parameter (:mod:`bigtrain.model.init`), so a rank never holds the whole model and the
