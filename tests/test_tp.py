@@ -2,8 +2,9 @@
 
 One torchrun launch trains both model styles at tp=2 x dp=2 with FSDP2
 (tests/tp_worker.py): gpt2 (layernorm, gelu, learned positions, biases, tied head,
-a vocabulary of 257 that does not split evenly) and llama (rmsnorm, swiglu, rope,
-untied head) with the vocabulary-parallel loss. One plain process trains the same
+a vocabulary of 257 that does not split evenly) with document masking on a corpus of
+one document per paragraph, and llama (rmsnorm, swiglu, rope, untied head) with the
+vocabulary-parallel loss. One plain process trains the same
 two runs without any parallelism: the reference. The gpt2 runs take a NaN in one
 rank's gradient at step 3 (the guard must skip that step everywhere), and their
 step-5 checkpoint is resumed on one process and at (dp=1, tp=2).
@@ -40,9 +41,20 @@ def worker(nproc: int, out: Path, specs: list[str], *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(prose_bytes, prose_char, tmp_path_factory) -> Path:
+def paragraphs(docs_text, tmp_path_factory) -> str:
+    """One document per paragraph, byte tokenizer: windows of 32 tokens hold document boundaries."""
+    from bigtrain.data.prepare import prepare
+    src = tmp_path_factory.mktemp("src") / "paragraphs.jsonl"
+    src.write_text("".join(json.dumps({"text": p}) + "\n" for p in docs_text[:100_000].split("\n\n")))
+    out = tmp_path_factory.mktemp("data") / "paragraphs"
+    prepare(str(src), "bytes", str(out), val_fraction=0.0)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def runs(paragraphs, prose_char, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tp")
-    specs = [f"gpt2={prose_bytes}", f"llama+lp={prose_char}"]
+    specs = [f"gpt2+dm={paragraphs}", f"llama+lp={prose_char}"]
     worker(1, out / "one", specs, "--nan-at", str(NAN_AT))
     worker(4, out / "tp2", specs, "--backend", "fsdp", "--tp", "2", "--nan-at", str(NAN_AT))
     return out
@@ -98,11 +110,11 @@ def test_a_tp_group_reads_the_same_rows_and_dp_ranks_the_global_batch(runs):
 
 
 @pytest.fixture(scope="module")
-def resumed(runs, prose_bytes) -> Path:
+def resumed(runs, paragraphs) -> Path:
     """The (dp=2, tp=2) gpt2 run's step-5 checkpoint, resumed on one process and at (dp=1, tp=2)."""
     step5 = str(runs / "tp2" / "gpt2" / "checkpoints" / "step-00000005")
-    worker(1, runs / "resume-one", [f"gpt2={prose_bytes}"], "--resume", step5)
-    worker(2, runs / "resume-tp2", [f"gpt2={prose_bytes}"], "--backend", "fsdp", "--tp", "2", "--resume", step5)
+    worker(1, runs / "resume-one", [f"gpt2+dm={paragraphs}"], "--resume", step5)
+    worker(2, runs / "resume-tp2", [f"gpt2+dm={paragraphs}"], "--backend", "fsdp", "--tp", "2", "--resume", step5)
     return runs
 
 
@@ -140,7 +152,7 @@ def test_load_model_and_export_gather_a_tp_run(runs, tmp_path):
      "parallel.tp=2 does not divide model.vocab_size=257"),
     ({"parallel__tp": 2, "parallel__backend": "deepspeed"}, 2, "parallel.tp=2 needs parallel.backend=fsdp"),
     ({"parallel__tp": 2, "parallel__backend": "none"}, 2, "parallel.tp=2 needs parallel.backend=fsdp"),
-    ({"parallel__tp": 2, "model__doc_mask": True, "model__eot_id": 0}, 2, "model.doc_mask is not supported"),
+    ({"parallel__tp": 2, "model__seq_len": 33}, 2, "parallel.tp=2 does not divide model.seq_len=33"),
     ({"parallel__tp": 2, "parallel__loss_parallel": True, "model__z_loss": 1e-4}, 2, "model.z_loss is not supported"),
     ({"parallel__loss_parallel": True}, 1, "parallel.loss_parallel needs parallel.tp > 1"),
 ])

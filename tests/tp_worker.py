@@ -9,7 +9,8 @@ a fresh run, a fingerprint of the initial weights (sum of squares per tensor, ga
     torchrun --nproc-per-node 4 tests/tp_worker.py OUT gpt2=DATA llama+lp=DATA --backend fsdp --tp 2
 
 STYLE is ``gpt2`` (layernorm, gelu, learned positions, biases, tied head) or ``llama``
-(rmsnorm, swiglu, rope, no biases, untied head); ``+lp`` adds ``parallel.loss_parallel``.
+(rmsnorm, swiglu, rope, no biases, untied head); ``+lp`` adds ``parallel.loss_parallel`` (at tp > 1),
+``+dm`` ``model.doc_mask``.
 ``--nan-at N`` puts a NaN into the last rank's gradient at step N (``faults.nan_at``);
 ``--resume PATH`` starts from a checkpoint directory (of another run).
 """
@@ -34,10 +35,11 @@ STYLES = {
 
 
 def run(out: Path, spec: str, data: str, args, env) -> None:
-    style, _, extra = spec.partition("+")
+    style, *extra = spec.split("+")
     run_dir = out / style
     cfg = tiny_config(data, run_dir, parallel__backend=args.backend, parallel__tp=args.tp,
-                      parallel__loss_parallel=extra == "lp" and args.tp > 1, checkpoint__every=5,
+                      parallel__loss_parallel="lp" in extra and args.tp > 1, model__doc_mask="dm" in extra,
+                      checkpoint__every=5,
                       checkpoint__resume=args.resume or "never", faults__nan_at=args.nan_at,
                       faults__rank=env.world - 1, **STYLES[style])
     trainer = Trainer(cfg, env)

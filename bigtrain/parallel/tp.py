@@ -36,7 +36,10 @@ The plan (Megatron-LM's split, with sequence parallelism; the torchtitan recipe)
   activation of a small model, are never gathered.
 * ``pos_emb`` (learned positions): the table is replicated and each rank looks up the
   positions of its own sequence chunk (:class:`PositionChunk`), to add to its chunk of
-  the stream.
+  the stream. With ``model.doc_mask`` the positions are per row (``[B, T]``, restarting
+  at each document) and are chunked the same way; documents are found from the token ids,
+  which every rank holds whole, and the attention mask is per row, so it applies to each
+  rank's heads unchanged.
 
 Parameters replicated over the tp group (norm weights, the position table, biases of the
 row-wise layers) are DTensors with a ``Replicate`` placement on the tp mesh: their
@@ -49,10 +52,10 @@ replicated one, so ranks keep their own dropout seeds (independent masks, as the
 different dp ranks have). A dropout inside a replicated region would need the same seed
 on the whole tp group.
 
-Not supported with tp > 1 (refused by :func:`check_tp` before any process group starts):
-other backends than fsdp (DeepSpeed stays data parallel), ``model.doc_mask`` (its document
-positions and masks are computed per row from the whole sequence: not wired to the
-sequence-sharded stream).
+Refused by :func:`check_tp` before any process group starts: tp > 1 with another backend
+than fsdp (DeepSpeed stays data parallel), a tp that does not divide the head counts, the
+MLP width, the sequence (sequence parallelism), the world or (loss parallel) the
+vocabulary, and the z-loss with the vocabulary-parallel loss.
 """
 from __future__ import annotations
 
@@ -85,8 +88,6 @@ def check_tp(cfg, world: int) -> None:
     for what, n in need.items():
         if isinstance(n, int) and n % tp:
             raise ConfigError(f"config error: parallel.tp={tp} does not divide {what}={n}")
-    if m.doc_mask:
-        raise ConfigError(f"config error: model.doc_mask is not supported with parallel.tp={tp}")
     if p.loss_parallel and m.z_loss:
         raise ConfigError("config error: model.z_loss is not supported with parallel.loss_parallel "
                           "(the logsumexp would need the whole vocabulary)")
