@@ -145,7 +145,8 @@ class Health:
         over ranks (each part counted once), replicated ones are taken from rank 0 alone."""
         sq = torch.stack([t.float().pow(2).sum() for t in tensors])
         if self.env.distributed:
-            sq = self.env.all_reduce(sq * torch.tensor(self.share, device=sq.device))
+            share = torch.tensor(self.share, device=sq.device)
+            sq = self.env.all_reduce(torch.where(share > 0, sq * share, torch.zeros_like(sq)))
         return sq
 
     def _weights(self, result: dict) -> dict:
