@@ -4,7 +4,7 @@ One torchrun launch trains both model styles at tp=2 x dp=2 with FSDP2
 (tests/tp_worker.py): gpt2 (layernorm, gelu, learned positions, biases, tied head,
 a vocabulary of 257 that does not split evenly) with document masking on a corpus of
 one document per paragraph, and llama (rmsnorm, swiglu, rope, untied head) with the
-vocabulary-parallel loss. One plain process trains the same
+vocabulary-parallel loss and a z-loss. One plain process trains the same
 two runs without any parallelism: the reference. The gpt2 runs take a NaN in one
 rank's gradient at step 3 (the guard must skip that step everywhere), and their
 step-5 checkpoint is resumed on one process and at (dp=1, tp=2).
@@ -54,7 +54,7 @@ def paragraphs(docs_text, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def runs(paragraphs, prose_char, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tp")
-    specs = [f"gpt2+dm={paragraphs}", f"llama+lp={prose_char}"]
+    specs = [f"gpt2+dm={paragraphs}", f"llama+lp+z={prose_char}"]
     worker(1, out / "one", specs, "--nan-at", str(NAN_AT))
     worker(4, out / "tp2", specs, "--backend", "fsdp", "--tp", "2", "--nan-at", str(NAN_AT))
     return out
@@ -153,7 +153,6 @@ def test_load_model_and_export_gather_a_tp_run(runs, tmp_path):
     ({"parallel__tp": 2, "parallel__backend": "deepspeed"}, 2, "parallel.tp=2 needs parallel.backend=fsdp"),
     ({"parallel__tp": 2, "parallel__backend": "none"}, 2, "parallel.tp=2 needs parallel.backend=fsdp"),
     ({"parallel__tp": 2, "model__seq_len": 33}, 2, "parallel.tp=2 does not divide model.seq_len=33"),
-    ({"parallel__tp": 2, "parallel__loss_parallel": True, "model__z_loss": 1e-4}, 2, "model.z_loss is not supported"),
     ({"parallel__loss_parallel": True}, 1, "parallel.loss_parallel needs parallel.tp > 1"),
 ])
 def test_layouts_tp_cannot_split_are_refused(prose_bytes, tmp_path, extra, world, why):

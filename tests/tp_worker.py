@@ -10,7 +10,7 @@ a fresh run, a fingerprint of the initial weights (sum of squares per tensor, ga
 
 STYLE is ``gpt2`` (layernorm, gelu, learned positions, biases, tied head) or ``llama``
 (rmsnorm, swiglu, rope, no biases, untied head); ``+lp`` adds ``parallel.loss_parallel`` (at tp > 1),
-``+dm`` ``model.doc_mask``.
+``+dm`` ``model.doc_mask``, ``+z`` a z-loss of 1e-3.
 ``--nan-at N`` puts a NaN into the last rank's gradient at step N (``faults.nan_at``);
 ``--resume PATH`` starts from a checkpoint directory (of another run).
 """
@@ -39,6 +39,7 @@ def run(out: Path, spec: str, data: str, args, env) -> None:
     run_dir = out / style
     cfg = tiny_config(data, run_dir, parallel__backend=args.backend, parallel__tp=args.tp,
                       parallel__loss_parallel="lp" in extra and args.tp > 1, model__doc_mask="dm" in extra,
+                      model__z_loss=1e-3 if "z" in extra else 0.0,
                       checkpoint__every=5,
                       checkpoint__resume=args.resume or "never", faults__nan_at=args.nan_at,
                       faults__rank=env.world - 1, **STYLES[style])

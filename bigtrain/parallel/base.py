@@ -28,6 +28,7 @@ from bigtrain.optim import set_lr
 from bigtrain.checkpoint import dcp_io
 from bigtrain.parallel.env import DistEnv
 from bigtrain.parallel.recompute import checkpoint_blocks
+from bigtrain.parallel.tp import vocab_logsumexp
 from bigtrain.phases import phase
 
 
@@ -138,9 +139,13 @@ class Backend:
     def loss_terms(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits = self.model(inputs)
-        ce, z_sum = lm_loss(logits, targets, self.cfg.model.z_loss, rows=self.row_sink is not None)
-        if isinstance(ce, DTensor):  # the vocabulary-parallel loss: replicated over the tp group
+        z_loss, rows = self.cfg.model.z_loss, self.row_sink is not None
+        if isinstance(logits, DTensor):  # vocabulary-parallel (parallel/tp.py): the same on every tp rank
+            ce, _ = lm_loss(logits, targets, rows=rows)
             ce = ce.to_local()
+            z_sum = z_loss * vocab_logsumexp(logits).pow(2).sum() if z_loss else torch.zeros((), device=ce.device)
+        else:
+            ce, z_sum = lm_loss(logits, targets, z_loss, rows=rows)
         if self.row_sink is not None:  # per-row sums of the one cross-entropy: per-source losses
             self.row_sink(ce.detach())
             ce = ce.sum()

@@ -32,8 +32,9 @@ The plan (Megatron-LM's split, with sequence parallelism; the torchtitan recipe)
   same placement, so GPT-2's tied head can stay one parameter (re-tied after the plan).
   The logits are either all-gathered over the vocabulary (the loss code is unchanged),
   or, with ``parallel.loss_parallel``, left sharded and fed to a vocabulary-parallel
-  cross-entropy (``loss_parallel()``): the ``[tokens, vocab]`` logits, the biggest
-  activation of a small model, are never gathered.
+  cross-entropy (``loss_parallel()``; the z-loss's logsumexp: :func:`vocab_logsumexp`):
+  the ``[tokens, vocab]`` logits, the biggest activation of a small model, are never
+  gathered.
 * ``pos_emb`` (learned positions): the table is replicated and each rank looks up the
   positions of its own sequence chunk (:class:`PositionChunk`), to add to its chunk of
   the stream. With ``model.doc_mask`` the positions are per row (``[B, T]``, restarting
@@ -55,7 +56,7 @@ on the whole tp group.
 Refused by :func:`check_tp` before any process group starts: tp > 1 with another backend
 than fsdp (DeepSpeed stays data parallel), a tp that does not divide the head counts, the
 MLP width, the sequence (sequence parallelism), the world or (loss parallel) the
-vocabulary, and the z-loss with the vocabulary-parallel loss.
+vocabulary.
 """
 from __future__ import annotations
 
@@ -88,9 +89,6 @@ def check_tp(cfg, world: int) -> None:
     for what, n in need.items():
         if isinstance(n, int) and n % tp:
             raise ConfigError(f"config error: parallel.tp={tp} does not divide {what}={n}")
-    if p.loss_parallel and m.z_loss:
-        raise ConfigError("config error: model.z_loss is not supported with parallel.loss_parallel "
-                          "(the logsumexp would need the whole vocabulary)")
 
 
 class PositionChunk(ParallelStyle):
@@ -152,6 +150,16 @@ def parallelize(model: nn.Module, mesh, loss_parallel: bool) -> None:
         model.lm_head.weight = model.tok_emb.weight
     for block in model.blocks:
         parallelize_module(block, mesh, block_plan(block))
+
+
+def vocab_logsumexp(logits: DTensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim of vocabulary-sharded logits (``parallel.loss_parallel``),
+    as a plain tensor, the same on every rank of the tp group, differentiable: each rank's
+    logsumexp over its own columns, gathered (``[..., tp]``), then combined. Only ``tp``
+    numbers per token travel, never the logits (the z-loss needs it)."""
+    mine = logits.to_local().float().logsumexp(-1, keepdim=True)
+    parts = DTensor.from_local(mine, logits.device_mesh, [Shard(mine.dim() - 1)], run_check=False)
+    return parts.full_tensor().logsumexp(-1)
 
 
 def replicas(t: torch.Tensor, world: int) -> int:
