@@ -30,7 +30,7 @@ The plan (Megatron-LM's split, with sequence parallelism; the torchtitan recipe)
   reduce-scattered into the sequence-sharded stream. ``lm_head``: ``ColwiseParallel``,
   also ``Shard(0)`` on the vocabulary (the rows of its weight). Both give the weight the
   same placement, so GPT-2's tied head can stay one parameter (re-tied after the plan).
-  The vocabulary may split unevenly (GPT-2's 50257; DTensor pads the last shard).
+  The vocabulary may split unevenly (GPT-2's 50257; the tests train 257 at tp=2).
   The logits are either all-gathered over the vocabulary (the loss code is unchanged),
   or, with ``parallel.loss_parallel``, left sharded and fed to a vocabulary-parallel
   cross-entropy (``loss_parallel()``; the z-loss's logsumexp: :func:`vocab_logsumexp`):
