@@ -84,7 +84,7 @@ def check_tp(cfg, world: int) -> None:
         raise ConfigError(f"config error: parallel.tp={tp} needs parallel.backend=fsdp (tensor parallelism is "
                           f"combined with FSDP2; backend {p.backend} stays data parallel)")
     need = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads,
-            "model.ffn_dim": m.ffn_dim, "model.seq_len": m.seq_len, "world size": world}
+            "the MLP width (model.d_ff)": m.ffn_dim, "model.seq_len": m.seq_len, "world size": world}
     if p.loss_parallel:
         need["model.vocab_size"] = m.vocab_size
     for what, n in need.items():
