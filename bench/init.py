@@ -15,7 +15,8 @@ trainer's recipe, ``bench/ranks.py``). Per rank it reports, in GiB:
   building, ``/proc/self/clear_refs``), and ``run_peak``, the larger of the two: the
   peak of the whole one-step run;
 - ``init_s``: seconds from constructing the model to the backend being ready (the draw of
-  the initial weights dominates).
+  the initial weights dominates), and ``init_cpu_s``, the CPU seconds the rank spent on it
+  (on a shared machine the wall time counts the other processes too).
 
 Figures are the maximum over ranks. ``run_peak_vs_one_process`` divides a run's
 ``run_peak`` by that of the first one-rank run in ``--runs`` (same script, same step, same
@@ -86,7 +87,7 @@ def worker(out: str, mode: str, step: bool, overrides: list[str]) -> None:
     env = init_distributed("cpu", group=True)
     record = {"before": status_gib("VmRSS")}
     note_peak_before_optimizer(record)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
     if mode == "meta":
         with torch.device("meta"):
@@ -94,7 +95,8 @@ def worker(out: str, mode: str, step: bool, overrides: list[str]) -> None:
     else:
         model = GPT(cfg.model)
     backend = build_backend(model, cfg, env)
-    record |= {"build_peak": status_gib("VmHWM"), "init_s": time.perf_counter() - start}
+    record |= {"build_peak": status_gib("VmHWM"), "init_s": time.perf_counter() - start,
+               "init_cpu_s": time.process_time() - cpu}
     if step:
         batch = random_batch(cfg, env)
         reset_peak()
@@ -127,7 +129,7 @@ def main() -> None:
               "params_M": round(shapes.num_params() / 1e6, 1),
               "largest_param_M": round(max(p.numel() for p in shapes.parameters()) / 1e6, 1),
               "fp32_model_gib": round(shapes.num_params() * 4 / GIB, 3),
-              "unit": "GiB per rank (max over ranks); init_s in seconds"}
+              "unit": "GiB per rank (max over ranks); *_s in seconds"}
     baseline = {}
     for mode in ("meta", "whole") if args.whole else ("meta",):
         for run in args.runs:
@@ -136,7 +138,7 @@ def main() -> None:
             records = run_ranks(__file__, int(world), ["--mode", mode, "--preset", args.preset, "--seq-len",
                                 str(args.seq_len), *(["--no-step"] if args.no_step else []), *LAYOUTS[layout]],
                                 threads=max(1, 2 // int(world)))
-            row = {key: round(max(r[key] for r in records), 3 if key != "init_s" else 1)
+            row = {key: round(max(r[key] for r in records), 1 if key.endswith("_s") else 3)
                    for key in records[0] if key != "rank"}
             if "run_peak" in row:
                 if world == "1":

@@ -6,9 +6,10 @@ and only then are the weights written, by :func:`materialize`, one parameter at 
 time: the *source* (``tensor_for(name, param, rows)``) gives the rows of the parameter
 this rank holds (dim 0, where FSDP2 shards), as a fp32 CPU tensor, and the rank copies
 in its part of them. A rank's peak host memory while building is therefore its own
-shards plus about one shard of the parameter being written (ZeRO-3: plus the largest
-parameter gathered), not the whole model or its largest parameter (``bench/init.py``
-measures it).
+shards plus about one shard of the parameter being written (a layout that splits
+columns, as tensor parallel's row-wise split does, draws its rows whole; ZeRO-3: plus
+the largest parameter gathered), not the whole model or its largest parameter
+(``bench/init.py`` measures it).
 
 The default source is :func:`seeded`: parameter ``name`` is drawn by the model's own
 rule (:meth:`GPT.initial_value`) from a CPU ``torch.Generator`` seeded by
