@@ -18,6 +18,11 @@ trainer's recipe, ``bench/ranks.py``). Per rank it reports, in GiB:
   the initial weights dominates), and ``init_cpu_s``, the CPU seconds the rank spent on it
   (on a shared machine the wall time counts the other processes too).
 
+Besides, ``draw_cpu_s`` gives per world size the CPU seconds each rank spends drawing its
+rows of the initial weights (FSDP2's dim-0 chunks; measured in this process, one rank after
+the other, so it does not depend on how busy a shared machine is): a rank computes only its
+rows, but steps the generator past the rows before them, so later ranks take longer.
+
 Figures are the maximum over ranks. ``run_peak_vs_one_process`` divides a run's
 ``run_peak`` by that of the first one-rank run in ``--runs`` (same script, same step, same
 global batch). ``--whole`` adds the same runs with the model built whole on every rank
@@ -42,6 +47,7 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.model.gpt import GPT
+from bigtrain.model.init import seeded
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import init_distributed
 from ranks import random_batch, run_ranks, train_step, write_record
@@ -80,6 +86,18 @@ def note_peak_before_optimizer(record: dict) -> None:
     if "parallel.backend=deepspeed" in LAYOUTS.get(os.environ.get("BENCH_LAYOUT", ""), []):
         import deepspeed
         deepspeed.initialize = noting(deepspeed.initialize)
+
+
+def draw_cpu_s(model: GPT, seed: int, world: int) -> list[float]:
+    """CPU seconds each of ``world`` FSDP ranks spends on the seeded draw of its rows."""
+    tensor_for, times = seeded(model, seed), []
+    for rank in range(world):
+        start = time.process_time()
+        for name, param in model.named_parameters():
+            rows = -(-param.shape[0] // world)  # FSDP2 shards dim 0 in chunks of ceil(n / world)
+            tensor_for(name, param, slice(min(rank * rows, param.shape[0]), min((rank + 1) * rows, param.shape[0])))
+        times.append(round(time.process_time() - start, 2))
+    return times
 
 
 def worker(out: str, mode: str, step: bool, overrides: list[str]) -> None:
@@ -122,8 +140,9 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.mode, not args.no_step, model + args.extra)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # inherited by the ranks (run_ranks)
+    cfg = load_config(overrides=model)
     with torch.device("meta"):
-        shapes = GPT(load_config(overrides=model).model)
+        shapes = GPT(cfg.model)
     result = {"preset": args.preset, "seq_len": args.seq_len, "global_batch": 4, "precision": "fp32",
               "MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"],
               "params_M": round(shapes.num_params() / 1e6, 1),
@@ -147,6 +166,8 @@ def main() -> None:
                     row["run_peak_vs_one_process"] = round(row["run_peak"] / baseline[mode], 3)
             result[f"{layout}_world{world}" + ("_whole" if mode == "whole" else "")] = row
             print(json.dumps({run: row}), flush=True, file=sys.stderr)
+    result["draw_cpu_s"] = {world: draw_cpu_s(shapes, cfg.seed, int(world))
+                            for world in sorted({run.split(":")[1] for run in args.runs}, key=int)}
     print(json.dumps(result))
 
 
