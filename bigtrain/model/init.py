@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from bigtrain.config import Config
 
 # ``model`` below is a bigtrain.model.gpt.GPT (not imported: gpt.py imports this module); besides
-# its parameters this module uses its initial_value(name, shape, generator), tie_weights() and
+# its parameters this module uses its initial_value(name, shape, generator, rows), tie_weights() and
 # init_buffers().
 
 # tensor_for(name, param, rows) -> rows ``rows`` (a slice of dim 0, step 1) of the parameter's
@@ -61,8 +61,9 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def seeded(model: nn.Module, seed: int) -> TensorFor:
-    """The project's init as a source: ``model.initial_value(name, shape, generator)`` with a
-    fresh CPU generator seeded by :func:`param_seed` for each parameter."""
+    """The project's init as a source: ``model.initial_value(name, shape, generator, rows)`` with
+    a fresh CPU generator seeded by :func:`param_seed` for each parameter (on CUDA too: the
+    values are drawn on the CPU and copied, so they never depend on the device)."""
     def tensor_for(name: str, param: torch.Tensor, rows: slice) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
         return model.initial_value(name, param.shape, generator, rows)
