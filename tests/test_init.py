@@ -16,7 +16,7 @@ import torch
 
 from bigtrain.config import ConfigError, ModelConfig
 from bigtrain.model.gpt import GPT
-from bigtrain.model.init import materialize, param_seed, seeded
+from bigtrain.model.init import materialize, normal_rows, param_seed, seeded
 from bigtrain.parallel.backend import build_backend
 from bigtrain.parallel.env import DistEnv
 from helpers import REPO, free_port, rank_env
@@ -70,10 +70,12 @@ def test_a_parameter_s_values_depend_only_on_the_seed_and_its_name():
     and a different seed or name draws different values."""
     small, deep = GPT(tiny(), init=False), GPT(tiny(n_layer=4, vocab_size=200), init=False)
     name = "blocks.1.attn.q.weight"
-    draw = seeded(small, 3)(name, small.get_parameter(name))
-    assert torch.equal(draw, seeded(deep, 3)(name, deep.get_parameter(name)))
-    assert not torch.equal(draw, seeded(small, 4)(name, small.get_parameter(name)))
-    assert not torch.equal(draw[:32], seeded(small, 3)("blocks.0.attn.q.weight", small.blocks[0].attn.q.weight)[:32])
+    every = slice(None)
+    draw = seeded(small, 3)(name, small.get_parameter(name), every)
+    assert torch.equal(draw, seeded(deep, 3)(name, deep.get_parameter(name), every))
+    assert not torch.equal(draw, seeded(small, 4)(name, small.get_parameter(name), every))
+    other = seeded(small, 3)("blocks.0.attn.q.weight", small.blocks[0].attn.q.weight, every)
+    assert not torch.equal(draw[:32], other[:32])
     assert param_seed(3, name) != param_seed(3, "blocks.0.attn.q.weight")
 
 
@@ -84,8 +86,8 @@ def test_materialize_takes_any_source_by_parameter_name():
     with torch.device("meta"):
         model = GPT(cfg)
 
-    def source(name, param):
-        return torch.full(param.shape, float(len(name)))
+    def source(name, param, rows):
+        return torch.full(param.shape, float(len(name)))[rows]
 
     materialize(model, source, "cpu")
     for name, p in model.named_parameters():
@@ -100,5 +102,19 @@ def test_a_source_with_the_wrong_shape_is_one_config_error():
         model = GPT(tiny())
     with pytest.raises(ConfigError, match=r"^initial weights: tok_emb.weight has shape \(60, 32\), "
                                           r"the model needs \(61, 32\)$"):
-        materialize(model, lambda name, p: torch.zeros(60, 32) if name == "tok_emb.weight" else torch.zeros(p.shape),
+        materialize(model, lambda name, p, rows: torch.zeros(60, 32) if name == "tok_emb.weight" else torch.zeros(p.shape),
                     "cpu")
+
+
+def test_any_rows_of_a_draw_equal_those_rows_of_the_whole_draw():
+    """A rank draws only its rows of a parameter (normal_rows); they are bitwise the rows of the
+    whole draw for every shape and range: sizes below 16 (torch draws those one by one), sizes
+    not a multiple of 16 (torch redraws the last 16 elements), rows inside the last 16, empty
+    ranges, more than two dimensions, and a stretch of stream longer than the skip's chunk."""
+    shapes = [(1,), (15,), (16,), (17,), (5, 3), (7, 5), (33, 1), (40, 7), (9, 16), (3, 5, 7)]
+    cases = [(shape, a, b) for shape in shapes for a in range(shape[0] + 1) for b in range(a, shape[0] + 1)]
+    cases += [((1000, 1057), a, b) for a, b in [(0, 1000), (0, 1), (250, 500), (991, 999), (992, 1000), (1000, 1000)]]
+    for seed, (shape, a, b) in enumerate(cases):
+        whole = torch.empty(shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+        got = normal_rows(torch.Size(shape), 0.02, torch.Generator().manual_seed(seed), slice(a, b))
+        assert torch.equal(got, whole[a:b]), (shape, a, b)

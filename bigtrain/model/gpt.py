@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bigtrain.config import ModelConfig
 from bigtrain.model.doc_mask import Documents, attend, find_documents
-from bigtrain.model.init import materialize, seeded
+from bigtrain.model.init import materialize, normal_rows, seeded
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -188,8 +188,10 @@ class GPT(nn.Module):
         Works on a model built on ``meta`` and moved with ``to_empty`` too."""
         materialize(self, seeded(self, torch.initial_seed() if seed is None else seed))
 
-    def initial_value(self, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """Parameter ``name`` as the project's init draws it: whole, fp32, on the CPU.
+    def initial_value(self, name: str, shape: torch.Size, generator: torch.Generator,
+                      rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of parameter ``name`` as the project's init draws it whole: fp32, on the
+        CPU; only those rows are computed (:func:`~bigtrain.model.init.normal_rows`).
 
         Linear and Embedding weights N(0, init_std); the two residual-stream writers
         (``attn.proj``, ``mlp.proj``) N(0, init_std / sqrt(2 * n_layer)) so the residual's
@@ -198,15 +200,15 @@ class GPT(nn.Module):
         owner, _, kind = name.rpartition(".")
         module = self.get_submodule(owner)
         if kind == "bias":
-            return torch.zeros(shape)
+            return torch.zeros(shape)[rows]
         if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            return torch.ones(shape)
+            return torch.ones(shape)[rows]
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             raise TypeError(f"no init rule for {name} ({type(module).__name__})")
         std = self.cfg.init_std
         if owner.endswith(("attn.proj", "mlp.proj")):
             std /= math.sqrt(2 * self.cfg.n_layer)
-        return torch.empty(shape).normal_(0.0, std, generator=generator)
+        return normal_rows(shape, std, generator, rows)
 
     def tie_weights(self) -> None:
         """Share the token table with the head (``tie_embeddings``); a plain ``to_empty`` gives

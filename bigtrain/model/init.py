@@ -3,28 +3,33 @@
 A run builds its model on the ``meta`` device (shapes, no storage), the backend lays
 it out (FSDP2 shards it, DeepSpeed ZeRO-3 partitions it, the others keep it whole)
 and only then are the weights written, by :func:`materialize`, one parameter at a
-time: the *source* (``tensor_for(name, param)``) gives the parameter whole, as a fp32
-CPU tensor, and the rank copies in the part it holds and drops the rest. A rank's
-peak host memory while building is therefore its own shards plus the largest single
-parameter (ZeRO-3: plus it once more, gathered), not the whole model (``bench/init.py``
-measures it).
+time: the *source* (``tensor_for(name, param, rows)``) gives the rows of the parameter
+this rank holds (dim 0, where FSDP2 shards), as a fp32 CPU tensor, and the rank copies
+in its part of them. A rank's peak host memory while building is therefore its own
+shards plus about one shard of the parameter being written (a layout that splits
+columns, as tensor parallel's row-wise split does, draws its rows whole; ZeRO-3: plus
+the largest parameter gathered), not the whole model or its largest parameter
+(``bench/init.py`` measures it).
 
 The default source is :func:`seeded`: parameter ``name`` is drawn by the model's own
 rule (:meth:`GPT.initial_value`) from a CPU ``torch.Generator`` seeded by
 ``blake2b(seed, name)``. Its values depend on nothing but the seed and the name, not
 on the order parameters are built in, the device, the world size or the layout, so a
 one-process run and any sharded run start from bitwise the same weights (the data
-order already gives them the same batches). The cost is that every rank draws every
-parameter in full (CPU time proportional to the whole model, not to its shard).
+order already gives them the same batches). A rank does not draw the whole parameter:
+:func:`normal_rows` computes only its rows, bitwise equal to the same rows of the
+whole draw, by stepping the generator past the rows before them (cheaper than drawing
+them; so the last rank's share of CPU time is still most of the model's).
 
 Another source plugs in the same way: ``init_from`` (continued pretraining from a
-Hugging Face checkpoint) returns each parameter's tensor by name, and the rest (only
-this rank's slice is kept) is unchanged. :func:`initial_weights` is the one place that
+Hugging Face checkpoint) returns each parameter's rows by name, and the rest (only
+this rank's part is kept) is unchanged. :func:`initial_weights` is the one place that
 chooses the source of a run.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -37,14 +42,15 @@ if TYPE_CHECKING:
     from bigtrain.config import Config
 
 # ``model`` below is a bigtrain.model.gpt.GPT (not imported: gpt.py imports this module); besides
-# its parameters this module uses its initial_value(name, shape, generator), tie_weights() and
+# its parameters this module uses its initial_value(name, shape, generator, rows), tie_weights() and
 # init_buffers().
 
-# tensor_for(name, param) -> the parameter's full value: fp32, on the CPU, of shape
-# ``param.shape`` (the global shape, also for a DTensor shard; ``name`` as in
-# ``model.named_parameters()``; a tied weight is asked for once, under its first name).
-# Called once per parameter on every rank (ZeRO-3: on rank 0 only), in any order.
-TensorFor = Callable[[str, torch.Tensor], torch.Tensor]
+# tensor_for(name, param, rows) -> rows ``rows`` (a slice of dim 0, step 1) of the parameter's
+# full value: fp32, on the CPU, of shape ``(len(rows), *param.shape[1:])`` (``param.shape`` is the
+# global shape, also for a DTensor shard; ``name`` as in ``model.named_parameters()``; a tied
+# weight is asked for once, under its first name). Called once per parameter on every rank
+# (ZeRO-3: on rank 0 only, for all rows), in any order.
+TensorFor = Callable[[str, torch.Tensor, slice], torch.Tensor]
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -55,12 +61,59 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def seeded(model: nn.Module, seed: int) -> TensorFor:
-    """The project's init as a source: ``model.initial_value(name, shape, generator)`` with a
-    fresh CPU generator seeded by :func:`param_seed` for each parameter."""
-    def tensor_for(name: str, param: torch.Tensor) -> torch.Tensor:
+    """The project's init as a source: ``model.initial_value(name, shape, generator, rows)`` with
+    a fresh CPU generator seeded by :func:`param_seed` for each parameter (on CUDA too: the
+    values are drawn on the CPU and copied, so they never depend on the device)."""
+    def tensor_for(name: str, param: torch.Tensor, rows: slice) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
-        return model.initial_value(name, param.shape, generator)
+        return model.initial_value(name, param.shape, generator, rows)
     return tensor_for
+
+
+def normal_rows(shape: torch.Size, std: float, generator: torch.Generator, rows: slice) -> torch.Tensor:
+    """``torch.empty(shape).normal_(0, std, generator=generator)[rows]``, bitwise, computing only
+    those rows: a rank's FSDP shard of a parameter without the whole parameter in memory.
+
+    It relies on how torch's CPU ``normal_`` fills a contiguous fp32 tensor of n >= 16
+    elements: one uniform per element from the generator's stream, then Box-Muller over each
+    block of 16 (elements i and i + 8 from uniforms i and i + 8); when n is not a multiple of
+    16, 16 more uniforms (stream positions n .. n + 15) redraw the last 16 elements. So
+    element i of a block depends only on its block's 16 stream positions: the rows' blocks are
+    drawn by a ``normal_`` of just those blocks after stepping the generator past the blocks
+    before them (``random_`` into bytes takes one uniform each, without Box-Muller), and the
+    last 16 elements from the 16 draws after the whole stream. tests/test_init.py checks
+    this against the whole draw (any shape, any rows), so a torch that draws otherwise fails
+    there, not silently.
+    """
+    first, stop, step = rows.indices(shape[0])
+    if step != 1:
+        raise ValueError(f"normal_rows: rows must be a range of step 1, not {rows}")
+    width = math.prod(shape[1:])
+    n, start, end = shape[0] * width, first * width, max(first, stop) * width
+    if n < 16:  # torch draws these one by one (another stream): draw the whole, it is tiny
+        return torch.empty(shape).normal_(0.0, std, generator=generator)[rows]
+    if start == end:
+        return torch.empty((0, *shape[1:]))
+    body = n // 16 * 16  # the elements drawn in blocks of 16
+    lo = min(start, body) // 16 * 16  # the first element of the first block needed
+    hi = max(lo, min(-(-end // 16) * 16, body))  # the end of the last block needed
+    out = torch.empty(max(hi, end) - lo)
+    _skip(generator, lo)
+    if hi > lo:
+        out[:hi - lo].normal_(0.0, std, generator=generator)
+    if n % 16 and end > n - 16:  # the last 16 elements, redrawn after the whole stream
+        _skip(generator, n - hi)
+        last = torch.empty(16).normal_(0.0, std, generator=generator)
+        keep = max(start, n - 16)
+        out[keep - lo:end - lo] = last[keep - (n - 16):end - (n - 16)]
+    return out[start - lo:end - lo].view(stop - first, *shape[1:])
+
+
+def _skip(generator: torch.Generator, count: int, chunk: int = 1 << 20) -> None:
+    """Advance ``generator`` by ``count`` 32-bit draws (one per byte of ``random_``)."""
+    scratch = torch.empty(min(count, chunk), dtype=torch.uint8)
+    for done in range(0, count, chunk):
+        scratch[:min(chunk, count - done)].random_(generator=generator)
 
 
 def initial_weights(cfg: Config, model: nn.Module) -> TensorFor:
@@ -69,7 +122,7 @@ def initial_weights(cfg: Config, model: nn.Module) -> TensorFor:
     if cfg.model.init_from:
         from bigtrain.hf_import import HFWeights  # the HF world is imported only when used
         weights = HFWeights(cfg.model.init_from, cfg.model)
-        return lambda name, param: weights(name)
+        return lambda name, param, rows: _checked(name, weights(name), param.shape)[rows]
     return seeded(model, cfg.seed)
 
 
@@ -110,12 +163,15 @@ def on_device(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def _full(name: str, param: torch.Tensor, tensor_for: TensorFor) -> torch.Tensor:
-    value = tensor_for(name, param)
-    if tuple(value.shape) != tuple(param.shape):
-        raise ConfigError(f"initial weights: {name} has shape {tuple(value.shape)}, "
-                          f"the model needs {tuple(param.shape)}")
+def _checked(name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(value.shape) != tuple(shape):
+        raise ConfigError(f"initial weights: {name} has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
     return value
+
+
+def _rows(name: str, param: torch.Tensor, tensor_for: TensorFor, rows: slice) -> torch.Tensor:
+    first, stop, _ = rows.indices(param.shape[0])
+    return _checked(name, tensor_for(name, param, rows), (max(0, stop - first), *param.shape[1:]))
 
 
 def _write(name: str, param: torch.Tensor, tensor_for: TensorFor) -> None:
@@ -124,12 +180,13 @@ def _write(name: str, param: torch.Tensor, tensor_for: TensorFor) -> None:
         import torch.distributed as dist
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if dist.get_rank() == 0:  # the others' values are overwritten by rank 0's on exit
-                param.data.copy_(_full(name, param, tensor_for))
+                param.data.copy_(_rows(name, param, tensor_for, slice(0, param.shape[0])))
         return
-    full = _full(name, param, tensor_for)
-    if isinstance(param, DTensor):
-        full, param = full[_local_box(param)], param.to_local()
-    param.copy_(full)
+    if not isinstance(param, DTensor):
+        param.copy_(_rows(name, param, tensor_for, slice(0, param.shape[0])))
+        return
+    rows, *rest = _local_box(param)
+    param.to_local().copy_(_rows(name, param, tensor_for, rows)[(slice(None), *rest)])
 
 
 def _local_box(param) -> tuple[slice, ...]:
