@@ -118,6 +118,8 @@ def test_fsdp_detail_metrics_and_trace_match_one_process(prose_bytes, tmp_path):
         numbers = [k for k, v in b.items() if isinstance(v, float)]
         assert len(numbers) > 50 and set(numbers) == {k for k, v in a.items() if isinstance(v, float)}
         for k in numbers:
+            if "attn.k.bias" in k:  # its gradient is 0 in exact arithmetic (softmax ignores a shift shared
+                continue            # by all keys): its norms and Adam's update of it are rounding noise
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
     traces = [e for e in events_of(tmp_path / "fsdp") if e["event"] == "trace"]
     assert len(traces) == 1 and traces[0]["step"] == 2
