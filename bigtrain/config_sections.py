@@ -271,6 +271,10 @@ class ParallelConfig(Section):
     compile: bool = Field(False, description="torch.compile each block")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree (backend fsdp): attention heads, MLP and vocabulary "
+                                         "split over tp ranks, FSDP over the world / tp data-parallel ranks")
+    loss_parallel: bool = Field(False, description="with tp > 1: the cross-entropy on vocabulary-sharded logits "
+                                                   "(the full logits are never gathered); needs tp to divide the vocabulary")
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod

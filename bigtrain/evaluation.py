@@ -42,12 +42,12 @@ class Evaluator:
     def split_loss(self, split) -> float | None:
         """Mean loss on the first ``eval.batches`` global batches of ``split``; None when empty."""
         cfg = self.cfg
-        seq, world, micro = cfg.model.seq_len, self.env.world, cfg.batch.micro_size
+        seq, world, micro = cfg.model.seq_len, self.env.dp_size, cfg.batch.micro_size  # a tp group reads alike
         n = min(split.num_samples(seq), cfg.eval.batches * cfg.batch.global_size)
         n -= n % world
         if n == 0:
             return None
-        mine = torch.arange(n)[self.env.rank::world].numpy()
+        mine = torch.arange(n)[self.env.dp_rank::world].numpy()
         total = torch.zeros((), device=self.env.device)
         for i in range(0, len(mine), micro):
             rows = torch.from_numpy(split.batch(mine[i:i + micro], seq)).to(self.env.device)

@@ -37,6 +37,7 @@ from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger
 from bigtrain.parallel.backend import Backend
 from bigtrain.parallel.env import DistEnv
+from bigtrain.parallel.tp import replicas
 
 UPDATE_RATIO_MAX = 1e-1     # warn above this update/param ratio (weight matrices only: biases start at 0)
 VANISHING = 1e-4            # warn when a weight's grad norm is below this x the median weight's ...
@@ -80,7 +81,10 @@ class Health:
         model = self.backend.raw_model
         self.step = step
         self.names, self.params = zip(*model.named_parameters())
-        self.sharded = [isinstance(p, DTensor) for p in self.params]
+        # each rank's part of a sum over ranks: a shard counts whole, a part repeated on k ranks
+        # (tensor parallelism: a norm weight on every rank of its tp group) 1/k; a plain tensor on rank 0
+        self.share = [1.0 / replicas(p, self.env.world) if isinstance(p, DTensor) else float(self.env.rank == 0)
+                      for p in self.params]
         self.before = [_local(p).detach().clone() for p in self.params]
         self.acts: dict[str, list] = {}      # name -> [tensor(sum, sum of squares, count), max |x|, sample]
         self.grad_sq: torch.Tensor | None = None
@@ -138,11 +142,11 @@ class Health:
     # ------------------------------------------------------------------ the numbers
     def _global_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 norm of each full tensor, from local shards: sharded entries are summed
-        over ranks, replicated ones are taken from rank 0 alone."""
+        over ranks (each part counted once), replicated ones are taken from rank 0 alone."""
         sq = torch.stack([t.float().pow(2).sum() for t in tensors])
         if self.env.distributed:
-            keep = torch.tensor(self.sharded, device=sq.device) | (self.env.rank == 0)
-            sq = self.env.all_reduce(torch.where(keep, sq, torch.zeros_like(sq)))
+            share = torch.tensor(self.share, device=sq.device)
+            sq = self.env.all_reduce(torch.where(share > 0, sq * share, torch.zeros_like(sq)))
         return sq
 
     def _weights(self, result: dict) -> dict:

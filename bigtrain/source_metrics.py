@@ -44,7 +44,7 @@ class SourceLoss:
         env = self.backend.env
         sources = self.order.source_of(batch.samples)
         self.tokens += np.bincount(sources, minlength=len(self.names)) * self.seq_len
-        mine = SampleOrder.rank_columns(sources, env.rank, env.world)  # this rank's rows, in order
+        mine = SampleOrder.rank_columns(sources, env.dp_rank, env.dp_size)  # this rank's rows, in order
         onehot = torch.from_numpy(np.eye(len(self.names), dtype=np.float32)[mine])
         if env.device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
             onehot = onehot.pin_memory()
@@ -68,7 +68,8 @@ class SourceLoss:
         on every rank, as log steps are."""
         if not self.enabled:
             return {}
-        sums = self.backend.env.all_reduce(self.sums.clone()).cpu().numpy()
+        env = self.backend.env  # the ranks of a tp group hold the same sums: counted once
+        sums = (env.all_reduce(self.sums.clone()) / env.tp).cpu().numpy()
         out = {f"loss/{name}": float(s / t) for name, s, t in zip(self.names, sums, self.tokens) if t}
         self.sums.zero_()
         self.tokens[:] = 0

@@ -85,8 +85,9 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, splits=None):
-        self.cfg, self.env = cfg, env
         check_world(cfg, env.world)
+        env = env.with_tp(cfg.parallel.tp)  # a (dp, tp) layout: data goes by dp rank (parallel/tp.py)
+        self.cfg, self.env = cfg, env
         self.data, self.train_split, self.val_split = splits or open_splits(cfg)
         if cfg.model.init_from:  # the weights and the data checked against each other before any write
             open_weights(cfg, self.data)
@@ -107,7 +108,8 @@ class Trainer:
         # sized before the backend shards it (ZeRO-3 leaves empty placeholders behind)
         n_params, n_body = self.model.num_params(), self.model.num_params(non_embedding=True)
         self.flops_per_token = self.model.flops_per_token()
-        torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))  # per-rank dropout from here on
+        # per-rank dropout from here on (under tp too: every dropout is in a split region, parallel/tp.py)
+        torch.manual_seed(cfg.seed + 1000 * (env.rank + 1))
         self.backend = build_backend(self.model, cfg, env)  # initial weights: model/init.py's initial_weights
         self.model = self.backend.raw_model  # ZeRO-3 rebuilds it, partitioned
         self.ema = attach_ema(self.backend, cfg.ema, env.device)  # None unless ema.decay > 0
@@ -115,7 +117,7 @@ class Trainer:
 
         self.state = TrainState()
         self.order = run_order(cfg, self.data, self.train_split, lambda: self.state.position)
-        self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.rank, env.world,
+        self.loader = BatchLoader(self.train_split, self.order, cfg.model.seq_len, env.dp_rank, env.dp_size,
                                   env.device, cfg.data.prefetch)
         peak = peak_flops(env.device, cfg.parallel.precision)  # one device's; MFU is over the world
         self.peak = peak.flops * env.world
@@ -136,7 +138,7 @@ class Trainer:
         self.settled: dict = {}                       # the host's numbers of the newest step read
         self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
-        self.faults = Faults(cfg, env.rank, env.world)
+        self.faults = Faults(cfg, env.rank, env.world, rows=(env.dp_rank, env.dp_size))
         self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.profiler = StepProfiler(cfg.profile.steps, self.run_dir, env.rank, env.device)  # profile.steps

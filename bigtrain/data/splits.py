@@ -10,18 +10,23 @@ from __future__ import annotations
 from bigtrain.config import Config, ConfigError
 from bigtrain.data.dataset import MixedSplit, PreparedData, open_data
 from bigtrain.faults import check_faults
+from bigtrain.parallel.tp import check_tp
 
 
 def check_world(cfg: Config, world: int) -> None:
-    """Every batch size the run will use must split evenly over ranks and micro-batches;
-    every fault it injects must exist in this world (:func:`bigtrain.faults.check_faults`)."""
+    """The tensor-parallel layout must split the model and the world (:func:`bigtrain.parallel.tp.check_tp`);
+    every batch size the run will use must split evenly over data-parallel ranks (world / tp) and
+    micro-batches; every fault it injects must exist in this world (:func:`bigtrain.faults.check_faults`)."""
+    check_tp(cfg, world)
+    dp = world // cfg.parallel.tp  # a tp group reads the same rows: the batch splits over dp ranks
+    ranks = f"world size {world}" if dp == world else f"data-parallel size {dp} (world {world} / tp {cfg.parallel.tp})"
     sizes = {cfg.batch.global_size}
     if cfg.batch.rampup is not None:
         sizes |= {cfg.batch.rampup.start, cfg.batch.rampup.increment}
     for size in sorted(sizes):
-        if size % (cfg.batch.micro_size * world):
+        if size % (cfg.batch.micro_size * dp):
             raise ConfigError(f"config error: batch size {size} is not a multiple of "
-                              f"batch.micro_size={cfg.batch.micro_size} x world size {world}")
+                              f"batch.micro_size={cfg.batch.micro_size} x {ranks}")
     check_faults(cfg, world)
 
 

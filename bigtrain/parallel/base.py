@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bigtrain.config import Config
 from bigtrain.model.gpt import GPT, lm_loss
@@ -27,6 +28,7 @@ from bigtrain.optim import set_lr
 from bigtrain.checkpoint import dcp_io
 from bigtrain.parallel.env import DistEnv
 from bigtrain.parallel.recompute import checkpoint_blocks
+from bigtrain.parallel.tp import vocab_logsumexp
 from bigtrain.phases import phase
 
 
@@ -94,6 +96,8 @@ class Backend:
                 parts.append(agree.to(self.env.device, torch.float32, non_blocking=True).reshape(-1))
             packed = self.env.all_reduce(torch.cat(parts))
         # Ranks hold equal token counts, so the mean of the rank means is the global token mean.
+        # (Under tensor parallelism the tp ranks of a group hold the same loss: the sum over the
+        # world counts each dp group's loss tp times, and world = dp x tp.)
         mean_loss = packed[0] / self.env.world
         nonfinite = (packed[1] > 0) | ~mean_loss.isfinite()
         return StepStats(mean_loss, self._norm, nonfinite, packed[2:] if agree is not None else None)
@@ -127,10 +131,21 @@ class Backend:
             return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def loss_parallel(self):
+        """The context the loss and its backward run in: the vocabulary-parallel cross-entropy
+        under tensor parallelism with ``parallel.loss_parallel`` (bigtrain/parallel/fsdp.py)."""
+        return contextlib.nullcontext()
+
     def loss_terms(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits = self.model(inputs)
-        ce, z_sum = lm_loss(logits, targets, self.cfg.model.z_loss, rows=self.row_sink is not None)
+        z_loss, rows = self.cfg.model.z_loss, self.row_sink is not None
+        if isinstance(logits, DTensor):  # vocabulary-parallel (parallel/tp.py): the same on every tp rank
+            ce, _ = lm_loss(logits, targets, rows=rows)
+            ce = ce.to_local()
+            z_sum = z_loss * vocab_logsumexp(logits).pow(2).sum() if z_loss else torch.zeros((), device=ce.device)
+        else:
+            ce, z_sum = lm_loss(logits, targets, z_loss, rows=rows)
         if self.row_sink is not None:  # per-row sums of the one cross-entropy: per-source losses
             self.row_sink(ce.detach())
             ce = ce.sum()
@@ -140,8 +155,9 @@ class Backend:
                          last: bool) -> torch.Tensor:
         """Run one micro-batch; ``scale`` turns its loss sum into its share of the
         rank's token-weighted mean. Returns the detached cross-entropy share."""
-        ce_sum, z_sum = self.loss_terms(inputs, targets)
-        self.backward((ce_sum + z_sum) * scale, last)
+        with self.loss_parallel():
+            ce_sum, z_sum = self.loss_terms(inputs, targets)
+            self.backward((ce_sum + z_sum) * scale, last)
         return ce_sum.detach() * scale
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -151,7 +167,8 @@ class Backend:
 
     @torch.no_grad()
     def eval_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ce_sum, _ = self.loss_terms(inputs, targets)
+        with self.loss_parallel():
+            ce_sum, _ = self.loss_terms(inputs, targets)
         return ce_sum.detach()
 
     # -- reductions --------------------------------------------------------------------

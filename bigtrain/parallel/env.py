@@ -15,6 +15,7 @@ sees a dead worker and stops the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import random
@@ -74,10 +75,36 @@ class DistEnv:
     world: int
     local_rank: int
     device: torch.device
+    # Tensor-parallel degree: the world is a (dp, tp) mesh in row-major order, so ranks
+    # dp_rank * tp ... dp_rank * tp + tp - 1 form one tp group (one node's GPUs). The data is
+    # split over dp ranks only: a tp group reads the same rows and computes one loss.
+    tp: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    def with_tp(self, tp: int) -> "DistEnv":
+        """This process under a layout of ``tp``-way tensor parallelism (world % tp == 0 is
+        checked with the config: bigtrain/parallel/tp.py)."""
+        return dataclasses.replace(self, tp=tp)
+
+    def mesh(self):
+        """The ``(dp, tp)`` device mesh over the world (a collective: every rank calls it once)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        return init_device_mesh(self.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
 
     @property
     def distributed(self) -> bool:

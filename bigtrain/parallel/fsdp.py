@@ -17,6 +17,12 @@ every rank, which is the memory FSDP exists to save. FSDP averages over ranks;
 each rank's loss is already the token mean of its own equal share of the
 global batch, so the average is the global token-weighted mean.
 
+With ``parallel.tp > 1`` the world is a ``(dp, tp)`` mesh: the tensor-parallel plan
+(:mod:`bigtrain.parallel.tp`) splits every layer over its tp group first, then FSDP
+shards the resulting DTensors over the dp dim only (their placements become 2-D,
+e.g. ``(_StridedShard(0), Shard(0))`` for a column-wise weight), as torchtitan
+composes them. The gradient norm counts each value once over both dims.
+
 Initialisation: the trainer builds the model on ``meta``; it is sharded there (no
 memory) and only then materialised, each rank writing its own shards of each
 parameter (:mod:`bigtrain.model.init`), so a rank never holds the whole model and the
@@ -34,6 +40,7 @@ from bigtrain.model.init import initial_weights, is_meta, materialize
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
+from bigtrain.parallel.tp import parallelize, replicas
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -47,14 +54,20 @@ class FSDPBackend(Backend):
         deferred = is_meta(model)
         if not deferred:
             model = model.to(env.device)
-        prepare_blocks(model, cfg)
         p = cfg.parallel
+        dp_mesh = None  # tp 1: FSDP over the whole world, its default mesh
+        if p.tp > 1:  # tensor parallel inside each tp group first, then FSDP over the dp dim (torchtitan's order)
+            mesh = env.mesh()
+            parallelize(model, mesh["tp"], p.loss_parallel)
+            dp_mesh = mesh["dp"]
+        prepare_blocks(model, cfg)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if p.precision == "bf16" else MixedPrecisionPolicy()
         last = len(model.blocks) - 1
         for i, block in enumerate(model.blocks):
-            fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward and i < last)
-        fully_shard(model, mp_policy=mp)  # the root: FSDP keeps it gathered from forward to backward
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp,
+                        reshard_after_forward=p.reshard_after_forward and i < last)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp)  # the root: FSDP keeps it gathered from forward to backward
         if deferred:  # storage for this rank's shards only, then their values
             materialize(model, initial_weights(cfg, model), env.device)
         super().__init__(model, cfg, env)
@@ -64,12 +77,27 @@ class FSDPBackend(Backend):
         return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
 
     def grad_norm(self) -> torch.Tensor:
-        """Sum of squares over this rank's shards, all-reduced: the exact global norm."""
-        grads = self.grads()
+        """Sum of squares over this rank's shards, all-reduced: the exact global norm. Under tensor
+        parallelism some local parts are repeated on several ranks (a norm weight on every rank
+        of its tp group): each square sum is divided by its number of copies, so every value
+        counts once over both mesh dims."""
+        by_copies: dict[int, list[torch.Tensor]] = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                by_copies.setdefault(replicas(p.grad, self.env.world), []).append(_local(p.grad))
         sq = torch.zeros((), device=self.env.device)
-        if grads:
-            sq = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
+        for copies, grads in by_copies.items():
+            part = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
+            sq = sq + (part if copies == 1 else part / copies)
         return self.env.all_reduce(sq.reshape(1)).sqrt().reshape(())
+
+    def loss_parallel(self):
+        """The vocabulary-parallel cross-entropy (``parallel.loss_parallel``) around the loss and its
+        backward: the logits stay sharded over the vocabulary (bigtrain/parallel/tp.py)."""
+        if self.cfg.parallel.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+            return loss_parallel()
+        return super().loss_parallel()
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.full_tensor().detach().float().cpu() for n, p in self.raw_model.named_parameters()}

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from bigtrain.data.order import SampleOrder
 from bigtrain.parallel.env import DistEnv
@@ -101,8 +102,9 @@ def score_samples(model: torch.nn.Module, autocast, env: DistEnv, split, seq_len
     """
     samples = [np.asarray(s) for _, s in batches]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in samples])]).astype(np.int64)
-    rows = np.concatenate([SampleOrder.rank_columns(s, env.rank, env.world) for s in samples])
-    where = np.concatenate([np.arange(o, o + len(s))[env.rank::env.world] for o, s in zip(offsets, samples)])
+    rank, world = env.dp_rank, env.dp_size  # a tp group reads the same rows; its first rank reports them
+    rows = np.concatenate([SampleOrder.rank_columns(s, rank, world) for s in samples])
+    where = np.concatenate([np.arange(o, o + len(s))[rank::world] for o, s in zip(offsets, samples)])
     mine = []
     was_training = model.training
     model.train(False)  # no dropout: a score must not depend on the rank's RNG
@@ -111,12 +113,14 @@ def score_samples(model: torch.nn.Module, autocast, env: DistEnv, split, seq_len
             tokens = torch.from_numpy(split.batch(rows[i:i + micro_size], seq_len)).to(env.device)
             with autocast():
                 logits = model(tokens[:, :-1])
+            if isinstance(logits, DTensor):  # parallel.loss_parallel: sharded over the vocabulary
+                logits = logits.full_tensor()
             ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
             mine.append(ce.mean(dim=1))
     finally:
         model.train(was_training)
     full = torch.zeros(int(offsets[-1]), dtype=torch.float32, device=env.device)
-    if mine:
+    if mine and env.tp_rank == 0:
         full[torch.from_numpy(where).to(env.device)] = torch.cat(mine).float()
     return env.all_reduce(full).cpu().numpy()
 
