@@ -57,11 +57,12 @@ is part of what that MFU assumes); the peak is the datasheet's (bigtrain/peak.py
 max_steps x tokens per step / tokens/s.
 
 **Suggestion**: a layout whose total fits in 90% of the GPU's memory, cheapest first. ``tp``
-is one of 1, 2, 4, 8 (within one node of 8 GPUs; tp > 1 only with FSDP, dividing the GPUs
-and the query and key/value heads; the loss is vocabulary-parallel where tp divides the
-vocabulary). Recomputing the cheap ops (``op``) costs a few percent, tensor parallelism
-inside a node more (it communicates in every layer), recomputing whole blocks (``full``) a
-third more compute. So: the smallest tp at which no recompute or ``op`` fits, else the
+is one of 1, 2, 4, 8 (within one node of 8 GPUs) that the tensor-parallel plan accepts
+(``check_tp``: FSDP, tp dividing the GPUs, heads, key/value heads, MLP width and sequence;
+the loss is vocabulary-parallel where tp divides the vocabulary and there is no z-loss).
+Recomputing the cheap ops (``op``) costs a few percent, tensor parallelism inside a node
+more (it communicates in every layer), recomputing whole blocks (``full``) a third more
+compute. So: the smallest tp at which no recompute or ``op`` fits, else the
 smallest tp at which ``full`` fits; at that tp, ``none`` before ``op``, at the largest
 micro-batch (dividing the global batch per data-parallel rank, at least 4 where possible).
 When nothing fits, the plan says so and names the fewest GPUs (doubling ``--gpus``) at
@@ -75,6 +76,7 @@ import torch
 
 from bigtrain.config import Config, ConfigError
 from bigtrain.model.gpt import GPT
+from bigtrain.parallel.tp import check_tp
 from bigtrain.peak import gpu_peak
 
 GiB = 2**30
@@ -191,12 +193,6 @@ class Estimate:
     peak: str = ""
 
 
-def configured_tp(cfg: Config) -> tuple[int, bool]:
-    """The config's ``parallel.tp`` and ``parallel.loss_parallel`` (tp 1 until the tensor-parallel
-    backend's keys are in the schema)."""
-    return getattr(cfg.parallel, "tp", 1), getattr(cfg.parallel, "loss_parallel", False)
-
-
 def memory(cfg: Config, gpus: int, gpu: str, micro: int, policy: str, tp: int, loss_parallel: bool) -> Estimate:
     """Per-rank memory of one layout (the time fields are :func:`timed`'s)."""
     state = state_bytes(cfg, gpus // tp, tp)
@@ -226,19 +222,28 @@ def flops_per_token(cfg: Config) -> float:
 def estimate(cfg: Config, gpus: int, gpu: str, mfu: float, micro: int | None = None,
              policy: str | None = None, tp: int | None = None, loss_parallel: bool | None = None) -> Estimate:
     """One layout: the config's, with any of micro-batch, checkpointing policy and tp replaced."""
-    tp_cfg, lp_cfg = configured_tp(cfg)
-    est = memory(cfg, gpus, gpu, micro or cfg.batch.micro_size, policy or cfg.parallel.activation_checkpointing,
-                 tp or tp_cfg, lp_cfg if loss_parallel is None else loss_parallel)
+    p = cfg.parallel
+    est = memory(cfg, gpus, gpu, micro or cfg.batch.micro_size, policy or p.activation_checkpointing,
+                 tp or p.tp, p.loss_parallel if loss_parallel is None else loss_parallel)
     return timed(cfg, est, mfu, flops_per_token(cfg))
 
 
 def tp_choices(cfg: Config, gpus: int) -> list[tuple[int, bool]]:
-    """(tp, loss_parallel) the suggestion may try, smallest tp first (the module docstring)."""
-    m, (_, lp_cfg) = cfg.model, configured_tp(cfg)
-    if cfg.parallel.backend != "fsdp":
-        return [(1, lp_cfg)]
-    return [(tp, m.vocab_size % tp == 0 if tp > 1 else lp_cfg) for tp in TP_SIZES
-            if gpus % tp == 0 and m.n_head % tp == 0 and m.kv_heads % tp == 0]
+    """(tp, loss_parallel) the suggestion may try, smallest tp first: the layouts the tensor-parallel
+    plan accepts on ``gpus`` (:func:`bigtrain.parallel.tp.check_tp`), the loss vocabulary-parallel
+    where it can be."""
+    choices = []
+    for tp in TP_SIZES:
+        for loss_parallel in (True, False) if tp > 1 else (False,):
+            layout = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(
+                update={"tp": tp, "loss_parallel": loss_parallel})})
+            try:
+                check_tp(layout, gpus)
+            except ConfigError:
+                continue
+            choices.append((tp, loss_parallel))
+            break
+    return choices
 
 
 def fitting(cfg: Config, gpus: int, gpu: str) -> Estimate | None:
@@ -296,19 +301,20 @@ def render(s: Estimate, best: Estimate | None, needs: int | None) -> str:
 
 
 def plan(cfg: Config, gpus: int, gpu: str, mfu: float) -> dict:
-    tp, _ = configured_tp(cfg)
+    p = cfg.parallel
     if gpus < 1:
         raise ConfigError(f"plan: --gpus {gpus} must be at least 1")
-    if gpus % tp:
-        raise ConfigError(f"plan: --gpus {gpus} is not a multiple of parallel.tp={tp}")
+    if gpus % p.tp:
+        raise ConfigError(f"plan: --gpus {gpus} is not a multiple of parallel.tp={p.tp}")
+    check_tp(cfg, gpus)  # the rest of the configured layout, as `bigtrain train` checks it
     if not 0 < mfu <= 1:
         raise ConfigError(f"plan: --mfu {mfu} must be in (0, 1]")
     if not isinstance(cfg.model.vocab_size, int):
         raise ConfigError("plan: model.vocab_size is auto and no prepared data is here; set model.vocab_size")
     gpu_memory_gib(gpu)  # an unknown GPU is one line before any arithmetic
     flops = flops_per_token(cfg)
-    current = timed(cfg, memory(cfg, gpus, gpu, cfg.batch.micro_size, cfg.parallel.activation_checkpointing, tp,
-                                configured_tp(cfg)[1]), mfu, flops)
+    current = timed(cfg, memory(cfg, gpus, gpu, cfg.batch.micro_size, p.activation_checkpointing, p.tp,
+                                p.loss_parallel), mfu, flops)
     best = fitting(cfg, gpus, gpu)
     best = best and timed(cfg, best, mfu, flops)
     needs = None if best else fewest_gpus(cfg, gpus, gpu)

@@ -90,7 +90,7 @@ TP_SHARDED = ("attn.q.", "attn.k.", "attn.v.", "attn.proj.weight", "mlp.fc.", "m
               "mlp.proj.weight", "tok_emb.", "lm_head.")
 
 
-@pytest.mark.parametrize("config", ["llama-3-8b.yaml", "gpt2-1.5b.yaml"])
+@pytest.mark.parametrize("config", ["llama-70b.yaml", "gpt2-1.5b.yaml"])
 def test_tensor_parallel_state_divides_the_sharded_parameters(config):
     cfg = load_config(REPO / "configs" / config, overrides=["model.n_layer=2"])
     sharded = whole = 0
@@ -107,11 +107,33 @@ def test_tensor_parallel_state_divides_the_sharded_parameters(config):
     assert two["optimizer"] == pytest.approx(one["optimizer"] / 2, rel=0.02)  # ~half: whole is < 2%
 
 
-@pytest.mark.parametrize("config, gpus, tp", [("gpt2-1.5b.yaml", 8, 1),
+@pytest.mark.parametrize("config, gpus, tp", [("llama-70b.yaml", 64, "more"), ("gpt2-1.5b.yaml", 8, 1),
                                               ("gpt2-1.5b.yaml", 64, 1), ("llama-3-8b.yaml", 64, 1)])
 def test_the_suggestion_uses_tensor_parallelism_only_where_memory_needs_it(config, gpus, tp):
     result = plan(load_config(REPO / "configs" / config), gpus, "H100", 0.4)
     best = result["suggestion"]
     assert best["fits"] and best["total_gib"] <= 0.9 * 80
-    assert best["tp"] > 1 if tp == "more" else best["tp"] == tp
+    assert best["tp"] > 1 and best["loss_parallel"] if tp == "more" else best["tp"] == tp
     assert best["tp"] * best["dp"] == gpus
+
+
+def test_70b_does_not_fit_on_8_h100s_and_the_plan_says_how_many_it_needs():
+    cfg = load_config(REPO / "configs/llama-70b.yaml")
+    result = plan(cfg, 8, "H100", 0.4)
+    assert result["suggestion"] is None and not result["current"]["fits"]
+    state = result["current"]["state_gib"]
+    assert state["params"] + state["grads"] + state["optimizer"] > 80  # the state alone
+    assert "nothing fits on 8 x H100" in result["text"]
+    needs = result["needs_gpus"]
+    assert needs > 8 and plan(cfg, needs, "H100", 0.4)["suggestion"]["fits"]
+    assert plan(cfg, needs // 2, "H100", 0.4)["suggestion"] is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpus", "12"], "--gpus 12 is not a multiple of parallel.tp=8"),
+    (["--gpus", "64", "model.n_kv_head=4"], "parallel.tp=8 does not divide model.n_kv_head=4"),
+])
+def test_a_layout_tensor_parallelism_cannot_split_is_one_line(args, needle, capsys):
+    assert main(["plan", str(REPO / "configs/llama-70b.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
