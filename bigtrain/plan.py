@@ -58,8 +58,8 @@ max_steps x tokens per step / tokens/s.
 
 **Suggestion**: a layout whose total fits in 90% of the GPU's memory, cheapest first. ``tp``
 is one of 1, 2, 4, 8 (within one node of 8 GPUs) that the tensor-parallel plan accepts
-(``check_tp``: FSDP, tp dividing the GPUs, heads, key/value heads, MLP width and sequence;
-the loss is vocabulary-parallel where tp divides the vocabulary and there is no z-loss).
+(``check_tp``: FSDP, tp dividing the GPUs, heads, key/value heads, MLP width and sequence);
+the loss is vocabulary-parallel where tp divides the vocabulary.
 Recomputing the cheap ops (``op``) costs a few percent, tensor parallelism inside a node
 more (it communicates in every layer), recomputing whole blocks (``full``) a third more
 compute. So: the smallest tp at which no recompute or ``op`` fits, else the
