@@ -1,14 +1,16 @@
-"""Per-rank state memory, measured against ``bigtrain plan``'s prediction, on 1 and 2 ranks.
+"""Per-rank state memory, measured against ``bigtrain plan``'s prediction, on 1, 2 and 4 ranks.
 
-    python bench/memory.py [--sizes small,gpt2-124m,gpt2-350m] [--seq-len 128]
+    python bench/memory.py [--sizes small,gpt2-124m,gpt2-350m] [--seq-len 128] [--runs none,fsdp,zero2,zero3,fsdp-tp2]
 
 Each run builds the model, takes one bf16 training step on random tokens (so Adam's
 moments exist), runs the next step's forward and backward, and then counts every tensor
 alive in the rank's process, each storage once: on a CPU the analogue of
 ``torch.cuda.memory_allocated`` at the state's peak (parameters, master weights, Adam
 moments, gradients, communication buffers; the activations are freed by then). The
-prediction is ``bigtrain.plan.state_bytes`` for the same config and world size; the
-target is ``error`` within 15%. Prints one JSON object.
+prediction is ``bigtrain.plan.state_bytes`` for the same config, data-parallel size and
+tensor-parallel degree; the target is ``error`` within 15%. The layouts: no sharding, FSDP,
+ZeRO-2 and ZeRO-3 on 1 and 2 ranks, and FSDP with tensor parallelism (``parallel.tp=2``) at
+(dp 1, tp 2) and (dp 2, tp 2). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -45,19 +47,24 @@ def worker(out: str, model: list[str]) -> None:
     backend.measure(batch, cfg.batch.micro_size)  # gradients held, activations freed: the state's peak
     measured = live_tensor_bytes()
     backend.update(cfg.optim.lr, cfg.optim.grad_clip)
-    write_record(out, env, {"bytes": measured, "predicted": sum(state_bytes(cfg, env.world).values())})
+    tp = cfg.parallel.tp
+    write_record(out, env, {"bytes": measured, "predicted": sum(state_bytes(cfg, env.world // tp, tp).values())})
 
 
 SIZES = {"small": ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=8192"],
          "gpt2-124m": ["model.preset=gpt2-124m"], "gpt2-350m": ["model.preset=gpt2-350m"]}
-RUNS = [("none", []), ("fsdp", ["parallel.backend=fsdp"]), ("zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"]),
-        ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"])]
+# (name, overrides, world sizes)
+RUNS = [("none", [], (1,)), ("fsdp", ["parallel.backend=fsdp"], (1, 2)),
+        ("zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"], (1, 2)),
+        ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"], (1, 2)),
+        ("fsdp-tp2", ["parallel.backend=fsdp", "parallel.tp=2"], (2, 4))]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="a subset of: none,fsdp,zero2,zero3,fsdp-tp2")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -66,8 +73,8 @@ def main() -> None:
         return worker(args.worker, common + args.extra)
     gib, result = 2**30, {"measure": "live tensor bytes per rank after backward (gradients held)", "runs": {}}
     for size in args.sizes.split(","):
-        for name, extra in RUNS:
-            for world in (1, 2) if name != "none" else (1,):
+        for name, extra, worlds in (r for r in RUNS if r[0] in args.runs.split(",")):
+            for world in worlds:
                 ranks = run_ranks(__file__, world, ["--seq-len", str(args.seq_len), *SIZES[size], *extra],
                                   threads=max(1, 2 // world))
                 measured, predicted = max(r["bytes"] for r in ranks), ranks[0]["predicted"]

@@ -46,18 +46,19 @@ def write_record(out: str, env: DistEnv, record: dict) -> None:
 
 def build(overrides: list[str]) -> tuple[Config, DistEnv, Backend]:
     cfg = load_config(overrides=["parallel.device=cpu", *overrides])
-    env = init_distributed("cpu", group=True)
+    env = init_distributed("cpu", group=True).with_tp(cfg.parallel.tp)  # a (dp, tp) layout
     torch.manual_seed(cfg.seed)
     return cfg, env, build_backend(GPT(cfg.model), cfg, env)
 
 
 def random_batch(cfg: Config, env: DistEnv) -> Batch:
-    """A global batch of random tokens (the same on every rank: one seed); this rank's rows."""
+    """A global batch of random tokens (the same on every rank: one seed); this rank's rows (a tp
+    group's ranks read the same rows)."""
     size = cfg.batch.global_size
     rows = torch.randint(cfg.model.vocab_size, (size, cfg.model.seq_len + 1),
                          generator=torch.Generator().manual_seed(cfg.seed))
     positions = np.arange(size)
-    return Batch(0, size, positions, positions, rows[env.rank::env.world].to(env.device))
+    return Batch(0, size, positions, positions, rows[env.dp_rank::env.dp_size].to(env.device))
 
 
 def train_step(backend: Backend, batch: Batch, cfg: Config) -> None:

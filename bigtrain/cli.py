@@ -250,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("plan", help="per-GPU memory, tokens/s and days for a config on N GPUs, and a "
-                                    "micro-batch and checkpointing policy that fit")
+                                    "tp, micro-batch and checkpointing policy that fit")
     add_config_args(p)
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (data-parallel ranks)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run: parallel.tp x data-parallel ranks")
     p.add_argument("--gpu", default="H100", help="H100 [PCIe|NVL], H200, A100 [40GB], L40S, L4, A10G, V100")
     p.add_argument("--mfu", type=float, default=0.4, help="the MFU to estimate time at")
     p.add_argument("--json", action="store_true", help="machine-readable output")

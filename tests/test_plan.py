@@ -9,7 +9,7 @@ from bigtrain.cli import main
 from helpers import REPO
 from bigtrain.config import load_config
 from bigtrain.model.gpt import GPT
-from bigtrain.plan import estimate, param_counts, plan
+from bigtrain.plan import estimate, param_counts, plan, state_bytes
 
 STYLES = {
     "gpt2": [],
@@ -17,6 +17,9 @@ STYLES = {
               "model.tie_embeddings=false"],
     "llama-qk": ["model.norm=rmsnorm", "model.mlp=swiglu", "model.pos=rope", "model.bias=false", "model.qk_norm=true"],
     "odd-ffn": ["model.d_ff=200", "model.bias=false"],
+    "llama-gqa": ["model.norm=rmsnorm", "model.mlp=swiglu", "model.pos=rope", "model.bias=false",
+                  "model.tie_embeddings=false", "model.n_kv_head=2", "model.qk_norm=true"],
+    "gpt2-gqa": ["model.n_kv_head=1"],
 }
 
 
@@ -52,7 +55,7 @@ def test_the_suggestion_fits_where_the_configured_layout_does_not(tmp_path):
     assert not result["current"]["fits"]
     best = result["suggestion"]
     assert best["fits"] and best["total_gib"] <= 0.9 * 40
-    assert "suggestion: batch.micro_size=" in result["text"]
+    assert "suggestion: parallel.tp=1 batch.micro_size=" in result["text"]
 
 
 def test_cli_text_json_and_bad_input(capsys):
@@ -63,3 +66,74 @@ def test_cli_text_json_and_bad_input(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown GPU 'TPU'" in err[0]
     assert main(["plan", str(REPO / "configs/gpt2-124m.yaml"), "--gpus", "0"]) == 2
+
+
+def _meta_model(cfg):
+    with torch.device("meta"):
+        return GPT(cfg.model)
+
+
+def test_llama_3_8b_on_64_h100_holds_16_bytes_per_parameter_over_dp():
+    """FSDP with fp32 master weights: fp32 parameters, fp32 gradients and two fp32 AdamW moments,
+    each sharded over the 64 data-parallel ranks (tp 1)."""
+    cfg = load_config(REPO / "configs/llama-3-8b.yaml")
+    n = _meta_model(cfg).num_params()
+    est = estimate(cfg, 64, "H100", 0.4)
+    assert (est.tp, est.dp) == (1, 64)
+    state = sum(est.state_gib[k] for k in ("params", "grads", "optimizer")) * 2**30
+    assert state == pytest.approx(16 * n / 64, rel=0.05)
+
+
+# Megatron's split, written out from the parameter names (bigtrain/parallel/tp.py): these are
+# divided over the tp ranks; every other parameter (norms, positions, row-parallel biases) is whole.
+TP_SHARDED = ("attn.q.", "attn.k.", "attn.v.", "attn.proj.weight", "mlp.fc.", "mlp.gate.", "mlp.up.",
+              "mlp.proj.weight", "tok_emb.", "lm_head.")
+
+
+@pytest.mark.parametrize("config", ["llama-70b.yaml", "gpt2-1.5b.yaml"])
+def test_tensor_parallel_state_divides_the_sharded_parameters(config):
+    cfg = load_config(REPO / "configs" / config, overrides=["model.n_layer=2"])
+    sharded = whole = 0
+    for name, p in _meta_model(cfg).named_parameters():  # a tied head is listed once
+        if any(key in name for key in TP_SHARDED):
+            sharded += p.numel()
+        else:
+            whole += p.numel()
+    assert whole > 0 and sharded > 50 * whole
+    for tp, dp in [(1, 8), (2, 4), (8, 1)]:
+        state = state_bytes(cfg, dp, tp)
+        assert state["params"] + state["grads"] + state["optimizer"] == pytest.approx(16 * (sharded / tp + whole) / dp)
+    one, two = state_bytes(cfg, 8, 1), state_bytes(cfg, 8, 2)
+    assert two["optimizer"] == pytest.approx(one["optimizer"] / 2, rel=0.02)  # ~half: whole is < 2%
+
+
+@pytest.mark.parametrize("config, gpus, tp", [("llama-70b.yaml", 64, "more"), ("gpt2-1.5b.yaml", 8, 1),
+                                              ("gpt2-1.5b.yaml", 64, 1), ("llama-3-8b.yaml", 64, 1)])
+def test_the_suggestion_uses_tensor_parallelism_only_where_memory_needs_it(config, gpus, tp):
+    result = plan(load_config(REPO / "configs" / config), gpus, "H100", 0.4)
+    best = result["suggestion"]
+    assert best["fits"] and best["total_gib"] <= 0.9 * 80
+    assert best["tp"] > 1 and best["loss_parallel"] if tp == "more" else best["tp"] == tp
+    assert best["tp"] * best["dp"] == gpus
+
+
+def test_70b_does_not_fit_on_8_h100s_and_the_plan_says_how_many_it_needs():
+    cfg = load_config(REPO / "configs/llama-70b.yaml")
+    result = plan(cfg, 8, "H100", 0.4)
+    assert result["suggestion"] is None and not result["current"]["fits"]
+    state = result["current"]["state_gib"]
+    assert state["params"] + state["grads"] + state["optimizer"] > 80  # the state alone
+    assert "nothing fits on 8 x H100" in result["text"]
+    needs = result["needs_gpus"]
+    assert needs > 8 and plan(cfg, needs, "H100", 0.4)["suggestion"]["fits"]
+    assert plan(cfg, needs // 2, "H100", 0.4)["suggestion"] is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpus", "12"], "--gpus 12 is not a multiple of parallel.tp=8"),
+    (["--gpus", "64", "model.n_kv_head=4"], "parallel.tp=8 does not divide model.n_kv_head=4"),
+])
+def test_a_layout_tensor_parallelism_cannot_split_is_one_line(args, needle, capsys):
+    assert main(["plan", str(REPO / "configs/llama-70b.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
