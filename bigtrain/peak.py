@@ -11,7 +11,9 @@ where it came from (:attr:`Peak.source`, printed in the run's log):
   logged as NaN) rather than a guess; ``BIGTRAIN_PEAK_FLOPS`` supplies one.
 * **CPUs**: datasheets give no usable figure, so the peak is *measured*: the median of
   :data:`TRIALS` trials of sustained ``2048^3`` matmuls in the run's dtype at the run's
-  thread count. Small probes (512^3) read low (fp32: 35 against 139 GFLOP/s sustained
+  thread count, each trial timed by the shorter of its wall time and its CPU time per
+  thread, so a machine shared with other work (which steals wall time, not CPU time from
+  the probe's threads) does not read low and cache an MFU above 100%. Small probes (512^3) read low (fp32: 35 against 139 GFLOP/s sustained
   on our CI machine) and inflate MFU up to 4x; a best-ever value creeps upward with noise.
   The first measurement per (CPU, threads, dtype, torch) is cached in
   ``BIGTRAIN_CACHE`` (default ``~/.cache/bigtrain``), so every later run on the machine
@@ -70,16 +72,20 @@ def gpu_peak(name: str, precision: str) -> Peak:
 
 
 def measure_cpu_matmul(dtype: torch.dtype, n: int = MATMUL_SIZE, trials: int = TRIALS) -> float:
-    """Median FLOP/s of ``trials`` timings of two back-to-back ``n^3`` matmuls (after a warm-up)."""
+    """Median FLOP/s of ``trials`` timings of two back-to-back ``n^3`` matmuls (after a warm-up),
+    each timed by ``min(wall, process CPU time / threads)``: time the threads spent waiting
+    for a core another process held is not compute time (OpenMP threads that spin while
+    they wait count as CPU time, so the wall clock stays the bound then)."""
     g = torch.Generator().manual_seed(0)  # its own: a probe must not move the run's RNG (dropout)
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     a @ b
     rates = []
     for _ in range(trials):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
         a @ b
-        rates.append(2 * 2 * n**3 / (time.perf_counter() - t0))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rates.append(2 * 2 * n**3 / min(wall, cpu / torch.get_num_threads()))
     return statistics.median(rates)
 
 
@@ -88,7 +94,7 @@ def cpu_peak(precision: str) -> Peak:
     threads = torch.get_num_threads()
     key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}cpu|{threads}t|{precision}|"
            f"torch{torch.__version__}|n{MATMUL_SIZE}x{TRIALS}")
-    cache = Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain")) / "cpu_peak_v2.json"
+    cache = Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain")) / "cpu_peak_v3.json"
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):

@@ -115,7 +115,8 @@ def test_persistent_spikes_after_max_rollbacks_abort_with_exit_3(prose_char, tmp
     args = ["train", str(REPO / "configs" / "smoke.yaml"), *tiny_overrides(
         prose_char, tmp_path, schedule__max_steps=80, checkpoint__every=10, stability__max_rollbacks=1,
         faults__spike_at=[40, 41, 42, 60, 61, 62], logging__every=10, eval__batches=0,
-        stability__window=32, stability__warmup=20, stability__threshold=6.0)]
+        stability__window=32, stability__warmup=20, stability__threshold=6.0,
+        stability__skip="window")]  # what culprits a step-30 tiny model finds depends on its init
     out = bigtrain(args, env=rank_env(1))
     assert out.returncode == 3, out.stderr[-2000:]
     message = out.stderr.strip().splitlines()[-1]
@@ -267,7 +268,7 @@ def test_two_ranks_skip_a_nan_only_rank_1_sees_roll_back_alike_and_ramp_up_like_
     rolls back exactly as one process does; a ramp-up run has one process's losses."""
     runs = {"ramp": dict(**RAMP, schedule__scaling="sqrt", eval__batches=0),
             "rollback": dict(faults__spike_at=[40, 41, 42], checkpoint__every=10, schedule__max_steps=50,
-                             eval__batches=2, **GUARD)}
+                             eval__batches=2, stability__skip="window", optim__lr=1e-3, **GUARD)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(REPO / "tests" / "stability_ranks.py"), prose_char,
            str(tmp_path), json.dumps({k: dict(v, parallel__backend="fsdp") if k == "rollback" else v
