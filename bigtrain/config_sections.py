@@ -34,6 +34,8 @@ class ModelConfig(Section):
     preset: Optional[str] = Field(None, description="gpt2-124m | gpt2-350m | llama-1b: defaults for this section; keys you set win")
     n_layer: int = Field(4, ge=1, description="transformer blocks")
     n_head: int = Field(4, ge=1, description="attention heads; must divide d_model")
+    n_kv_head: Optional[int] = Field(None, ge=1, description="key/value heads (grouped-query attention); "
+                                                           "must divide n_head; default n_head")
     d_model: int = Field(128, ge=1, description="residual stream width")
     d_ff: Optional[int] = Field(None, ge=1, description="MLP width; default 4*d_model (gelu) or ~8/3*d_model (swiglu)")
     seq_len: int = Field(128, ge=1, description="context length; samples are seq_len+1 tokens")
@@ -72,6 +74,8 @@ class ModelConfig(Section):
     def _check_shapes(self) -> "ModelConfig":
         if self.d_model % self.n_head:
             raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.pos == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError("rope needs an even head dimension (d_model / n_head)")
         if isinstance(self.vocab_size, int) and self.vocab_size < 2:
@@ -81,6 +85,16 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` (plain multi-head attention)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Output width of the key and of the value projection."""
+        return self.kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:

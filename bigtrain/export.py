@@ -22,11 +22,7 @@ from bigtrain.hf_format import hf_architecture, hf_config, hf_places, to_hf as p
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """``model``'s weights under HF names (fp32, contiguous). A tied head is left out:
     HF ties it to the embedding on load, and safetensors stores no shared tensors."""
-    ours = model.state_dict()
-    sd: dict[str, torch.Tensor] = {}
-    for name, place in hf_places(model.cfg).items():
-        for hf_name, tensor in place_to_hf(place, ours[name]).items():
-            sd.setdefault(hf_name, tensor)  # a tied head's place is the embedding's, written once
+    sd = place_to_hf(hf_places(model.cfg), model.state_dict())
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 

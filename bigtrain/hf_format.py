@@ -4,11 +4,12 @@ bigtrain's GPT computes exactly the function of two Hugging Face classes:
 
 * gpt2-style (layernorm, gelu, learned positions, biases, tied head) is a
   ``GPT2LMHeadModel``. GPT-2's ``Conv1D`` stores weights as ``[in, out]``, the
-  transpose of ``nn.Linear``; our fused ``qkv`` is its ``c_attn`` as is.
+  transpose of ``nn.Linear``; its fused ``c_attn`` is our ``q``, ``k``, ``v`` side by
+  side (GPT-2 has no grouped-query attention: ``n_kv_head`` must equal ``n_head``).
 * llama-style (rmsnorm, swiglu, rope, no biases; tied head or not) is a
-  ``LlamaForCausalLM``. Our fused ``qkv`` rows are q, k, v, each split into heads
-  contiguously, so its three row blocks are ``q_proj``, ``k_proj``, ``v_proj``;
-  our rope rotates halves (``rotate_half``), as HF LLaMA does, so no permutation.
+  ``LlamaForCausalLM``: our ``q``, ``k``, ``v`` are its ``q_proj``, ``k_proj``, ``v_proj``
+  (``n_kv_head`` is its ``num_key_value_heads``); our rope rotates halves
+  (``rotate_half``), as HF LLaMA does, so no permutation.
 
 This module holds the correspondence once: the config (:func:`hf_config` one way,
 :func:`model_fields` the other) and, for each of our parameters, the HF tensors it is
@@ -42,6 +43,8 @@ def hf_architecture(cfg) -> str:
     """The HF class that computes this model, or :class:`ConfigError` saying why none does."""
     differences = {name: [f"model.{k}={v!r}" for k, v in want.items() if getattr(cfg, k) != v]
                    for name, want in ARCHITECTURES.items()}
+    if cfg.kv_heads != cfg.n_head:  # GPT-2's fused c_attn has as many key/value heads as query heads
+        differences["GPT2LMHeadModel"].append(f"model.n_kv_head={cfg.n_head}")
     for name, diff in differences.items():
         if not diff:
             return name
@@ -64,7 +67,7 @@ def hf_config(cfg, eot_id: int | None = None):
     else:
         config = transformers.LlamaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
             max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
             attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, **special)
@@ -96,7 +99,8 @@ def _gpt2(c) -> tuple[dict, list[str]]:
         (c.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx=True"),
         (c.add_cross_attention, "add_cross_attention=True"),
         (not c.tie_word_embeddings, "tie_word_embeddings=False")] if bad]
-    fields = dict(n_layer=c.n_layer, n_head=c.n_head, d_model=c.n_embd, d_ff=c.n_inner or 4 * c.n_embd,
+    fields = dict(n_layer=c.n_layer, n_head=c.n_head, n_kv_head=None, d_model=c.n_embd,
+                  d_ff=c.n_inner or 4 * c.n_embd,
                   seq_len=c.n_positions, vocab_size=c.vocab_size, norm_eps=c.layer_norm_epsilon)
     return fields, unsupported
 
@@ -107,14 +111,14 @@ def _llama(c) -> tuple[dict, list[str]]:
     kv = c.num_key_value_heads or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     unsupported = [text for bad, text in [
-        (kv != c.num_attention_heads,
-         f"grouped-query attention (num_key_value_heads={kv} of num_attention_heads={c.num_attention_heads})"),
+        (c.num_attention_heads % kv, f"num_key_value_heads={kv} not dividing num_attention_heads"),
         (head_dim * c.num_attention_heads != c.hidden_size, f"head_dim={head_dim} != hidden_size / heads"),
         (c.hidden_act != "silu", f"hidden_act={c.hidden_act!r}"),
         (c.attention_bias, "attention_bias=True"),
         (getattr(c, "mlp_bias", False), "mlp_bias=True"),
         (rope.get("rope_type", "default") != "default", f"rope scaling {rope.get('rope_type')!r}")] if bad]
-    fields = dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, d_model=c.hidden_size,
+    fields = dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                  n_kv_head=kv if kv != c.num_attention_heads else None, d_model=c.hidden_size,
                   d_ff=c.intermediate_size, seq_len=c.max_position_embeddings, vocab_size=c.vocab_size,
                   norm_eps=c.rms_norm_eps, rope_theta=float(rope["rope_theta"]),
                   tie_embeddings=bool(c.tie_word_embeddings))
@@ -153,16 +157,18 @@ def model_fields(directory: str, given: dict) -> dict:
 
 # ---------------------------------------------------------------- parameter names and layouts
 
-SAME, TRANSPOSED, ROWS = "same", "transposed", "rows"
+SAME, TRANSPOSED = "same", "transposed"
 
 
 @dataclass(frozen=True)
 class Place:
-    """Where one of our parameters lives in an HF checkpoint: the HF tensors it is made of, and how.
-    ``transposed``: GPT-2's ``Conv1D`` stores ``[in, out]``; ``rows``: ours is HF's tensors
-    concatenated along dim 0 (our fused ``qkv`` = LLaMA's q, k, v projections)."""
-    names: tuple[str, ...]
+    """Where one of our parameters lives in an HF checkpoint: the HF tensor, its layout, and
+    which part of it is ours. ``transposed``: GPT-2's ``Conv1D`` stores ``[in, out]``;
+    ``part=(i, n)``: ours is the i-th of n equal row blocks of the (untransposed) HF tensor
+    (our ``q``, ``k``, ``v`` in GPT-2's fused ``c_attn``)."""
+    name: str
     layout: str = SAME
+    part: tuple[int, int] | None = None
 
 
 def hf_places(cfg) -> dict[str, Place]:
@@ -172,44 +178,57 @@ def hf_places(cfg) -> dict[str, Place]:
     places: dict[str, Place] = {}
     if arch == "GPT2LMHeadModel":
         t = "transformer."
-        places |= {"tok_emb.weight": Place((t + "wte.weight",)), "pos_emb.weight": Place((t + "wpe.weight",)),
-                   "norm_f.weight": Place((t + "ln_f.weight",)), "norm_f.bias": Place((t + "ln_f.bias",)),
-                   "lm_head.weight": Place((t + "wte.weight",))}
+        places |= {"tok_emb.weight": Place(t + "wte.weight"), "pos_emb.weight": Place(t + "wpe.weight"),
+                   "norm_f.weight": Place(t + "ln_f.weight"), "norm_f.bias": Place(t + "ln_f.bias"),
+                   "lm_head.weight": Place(t + "wte.weight")}
         for i in range(cfg.n_layer):
             ours, theirs = f"blocks.{i}.", f"{t}h.{i}."
             for a, b in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-                places |= {f"{ours}{a}.{k}": Place((f"{theirs}{b}.{k}",)) for k in ("weight", "bias")}
-            for a, b in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                         ("mlp.proj", "mlp.c_proj")]:
-                places[f"{ours}{a}.weight"] = Place((f"{theirs}{b}.weight",), TRANSPOSED)
-                places[f"{ours}{a}.bias"] = Place((f"{theirs}{b}.bias",))
+                places |= {f"{ours}{a}.{k}": Place(f"{theirs}{b}.{k}") for k in ("weight", "bias")}
+            for a, b in [("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+                places[f"{ours}{a}.weight"] = Place(f"{theirs}{b}.weight", TRANSPOSED)
+                places[f"{ours}{a}.bias"] = Place(f"{theirs}{b}.bias")
+            for k, x in enumerate("qkv"):
+                places[f"{ours}attn.{x}.weight"] = Place(f"{theirs}attn.c_attn.weight", TRANSPOSED, (k, 3))
+                places[f"{ours}attn.{x}.bias"] = Place(f"{theirs}attn.c_attn.bias", SAME, (k, 3))
     else:
         m = "model."
-        places |= {"tok_emb.weight": Place((m + "embed_tokens.weight",)), "norm_f.weight": Place((m + "norm.weight",)),
-                   "lm_head.weight": Place((m + "embed_tokens.weight",) if cfg.tie_embeddings else ("lm_head.weight",))}
+        places |= {"tok_emb.weight": Place(m + "embed_tokens.weight"), "norm_f.weight": Place(m + "norm.weight"),
+                   "lm_head.weight": Place(m + "embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight")}
         for i in range(cfg.n_layer):
             ours, theirs = f"blocks.{i}.", f"{m}layers.{i}."
-            places[ours + "attn.qkv.weight"] = Place(tuple(f"{theirs}self_attn.{x}_proj.weight" for x in "qkv"), ROWS)
-            places |= {ours + a: Place((theirs + b,)) for a, b in [
+            places |= {ours + a: Place(theirs + b) for a, b in [
+                ("attn.q.weight", "self_attn.q_proj.weight"), ("attn.k.weight", "self_attn.k_proj.weight"),
+                ("attn.v.weight", "self_attn.v_proj.weight"),
                 ("attn.proj.weight", "self_attn.o_proj.weight"), ("mlp.gate.weight", "mlp.gate_proj.weight"),
                 ("mlp.up.weight", "mlp.up_proj.weight"), ("mlp.proj.weight", "mlp.down_proj.weight"),
                 ("norm1.weight", "input_layernorm.weight"), ("norm2.weight", "post_attention_layernorm.weight")]}
     return places
 
 
-def to_hf(place: Place, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Our tensor as the HF tensors of ``place`` (views; the caller copies)."""
-    if place.layout == TRANSPOSED:
-        return {place.names[0]: tensor.T}
-    if place.layout == ROWS:
-        return dict(zip(place.names, tensor.chunk(len(place.names), dim=0)))
-    return {place.names[0]: tensor}
+def to_hf(places: dict[str, Place], ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors by name -> the HF tensors they make up (parts joined; a tied head's place is
+    the embedding's, written once)."""
+    pieces: dict[str, list[torch.Tensor | None]] = {}
+    for name, place in places.items():
+        i, n = place.part or (0, 1)
+        slots = pieces.setdefault(place.name, [None] * n)
+        if slots[i] is None:
+            slots[i] = ours[name]
+    layouts = {place.name: place.layout for place in places.values()}
+    out = {}
+    for hf_name, slots in pieces.items():
+        whole = slots[0] if len(slots) == 1 else torch.cat(slots, dim=0)
+        out[hf_name] = whole.T if layouts[hf_name] == TRANSPOSED else whole
+    return out
 
 
 def from_hf(place: Place, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Our tensor, built from the HF tensors of ``place`` that ``read(name)`` returns."""
+    """Our tensor, cut from the HF tensor of ``place`` that ``read(name)`` returns."""
+    tensor = read(place.name)
     if place.layout == TRANSPOSED:
-        return read(place.names[0]).T.contiguous()
-    if place.layout == ROWS:
-        return torch.cat([read(n) for n in place.names], dim=0)
-    return read(place.names[0])
+        tensor = tensor.T
+    if place.part is not None:
+        i, n = place.part
+        tensor = tensor.chunk(n, dim=0)[i]
+    return tensor.contiguous()

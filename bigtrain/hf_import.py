@@ -37,7 +37,7 @@ PREFIXES = ("transformer.", "model.")  # absent in checkpoints of the bare GPT2M
 
 
 class HFWeights:
-    """``source(name)``: our parameter ``name`` (e.g. ``blocks.0.attn.qkv.weight``) as a full fp32
+    """``source(name)``: our parameter ``name`` (e.g. ``blocks.0.attn.q.weight``) as a full fp32
     tensor, read from ``directory``'s safetensors on demand. Construction reads only the files'
     headers and checks that every tensor we need is there and nothing unknown is left over."""
 
@@ -46,7 +46,7 @@ class HFWeights:
         self.places = hf_places(cfg)
         files = self._weight_map()
         self.keys: dict[str, str] = {}  # an HF name in our table -> its key in the files
-        for name in sorted({n for place in self.places.values() for n in place.names}):
+        for name in sorted({place.name for place in self.places.values()}):
             short = name.split(".", 1)[1] if name.startswith(PREFIXES) else name
             key = name if name in files else short if short in files else None
             if key is None:

@@ -133,6 +133,7 @@ def test_config_files_in_repo_load():
     (["batch.global_size=10", "batch.micro_size=4"], "global_size=10 is not a multiple of micro_size=4"),
     (["model.d_model=100", "model.n_head=3"], "n_head=3 does not divide d_model=100"),
     (["model.norm=batchnorm"], "model.norm = 'batchnorm'"),
+    (["model.n_head=4", "model.n_kv_head=3"], "n_kv_head=3 does not divide n_head=4"),
     (["model.preset=gpt5"], "unknown preset 'gpt5'"),
     (["lr"], "expected key=value"),
 ])

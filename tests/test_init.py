@@ -69,12 +69,12 @@ def test_a_parameter_s_values_depend_only_on_the_seed_and_its_name():
     """Adding layers or changing other parameters' shapes leaves a parameter's draw alone,
     and a different seed or name draws different values."""
     small, deep = GPT(tiny(), init=False), GPT(tiny(n_layer=4, vocab_size=200), init=False)
-    name = "blocks.1.attn.qkv.weight"
+    name = "blocks.1.attn.q.weight"
     draw = seeded(small, 3)(name, small.get_parameter(name))
     assert torch.equal(draw, seeded(deep, 3)(name, deep.get_parameter(name)))
     assert not torch.equal(draw, seeded(small, 4)(name, small.get_parameter(name)))
-    assert not torch.equal(draw[:32], seeded(small, 3)("blocks.0.attn.qkv.weight", small.blocks[0].attn.qkv.weight)[:32])
-    assert param_seed(3, name) != param_seed(3, "blocks.0.attn.qkv.weight")
+    assert not torch.equal(draw[:32], seeded(small, 3)("blocks.0.attn.q.weight", small.blocks[0].attn.q.weight)[:32])
+    assert param_seed(3, name) != param_seed(3, "blocks.0.attn.q.weight")
 
 
 def test_materialize_takes_any_source_by_parameter_name():

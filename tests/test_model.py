@@ -52,7 +52,9 @@ def randomize(model: GPT) -> None:
     ("GPT2LMHeadModel", dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True)),
     ("LlamaForCausalLM", dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
                               rope_theta=500.0, norm_eps=1e-6)),
-])
+    ("LlamaForCausalLM", dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
+                              rope_theta=500.0, norm_eps=1e-6, n_kv_head=2)),  # grouped-query attention
+], ids=["gpt2", "llama", "llama-gqa"])
 def test_logits_equal_hf(arch, options):
     torch.manual_seed(0)
     model = GPT(tiny(**options)).eval()
@@ -71,11 +73,11 @@ def test_init_statistics_and_tying():
     model = GPT(tiny(n_layer=8, d_model=256, n_head=8, vocab_size=512, bias=True))
     std, proj_std = 0.02, 0.02 / math.sqrt(16)
     for b in model.blocks:
-        for w, want in [(b.attn.qkv.weight, std), (b.mlp.fc.weight, std),
+        for w, want in [(b.attn.q.weight, std), (b.attn.k.weight, std), (b.attn.v.weight, std), (b.mlp.fc.weight, std),
                         (b.attn.proj.weight, proj_std), (b.mlp.proj.weight, proj_std)]:
             assert abs(w.std().item() - want) < 0.05 * want
             assert abs(w.mean().item()) < 0.05 * want
-        for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj):
+        for lin in (b.attn.q, b.attn.k, b.attn.v, b.attn.proj, b.mlp.fc, b.mlp.proj):
             assert torch.all(lin.bias == 0)
         for norm in (b.norm1, b.norm2):
             assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
@@ -100,7 +102,7 @@ def test_init_after_meta_and_to_empty_gives_a_working_model():
     assert "rope_cos" not in model.state_dict()
     for b in model.blocks:
         assert torch.all(b.attn.q_norm.weight == 1) and torch.all(b.norm1.weight == 1)
-        assert abs(b.attn.qkv.weight.std().item() - 0.02) < 0.002
+        assert abs(b.attn.q.weight.std().item() - 0.02) < 0.002
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (2, 33))
     ce, _ = lm_loss(model(idx[:, :-1]), idx[:, 1:])
@@ -147,12 +149,35 @@ def test_qk_norm_normalises_each_head_of_q_and_k():
         randomize(model)
         with torch.no_grad():
             before = model(idx)
-            rows = model.blocks[0].attn.qkv.weight.view(3, 4, 16, 64)  # (q/k/v, head, head_dim, d)
-            rows[0, 1].mul_(5.0)
-            rows[1, 2].mul_(0.2)
+            attn = model.blocks[0].attn
+            attn.q.weight.view(4, 16, 64)[1].mul_(5.0)  # (head, head_dim, d)
+            attn.k.weight.view(4, 16, 64)[2].mul_(0.2)
             after = model(idx)
         change = (before - after).abs().max().item()
         assert change < 1e-5 if qk_norm else change > 1e-2
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_heads(doc_mask):
+    """n_kv_head=2 of 4 heads computes what the 4-head model computes when its k/v heads come in
+    identical pairs (heads 0,1 share k/v head 0; 2,3 share head 1): the closed form of GQA."""
+    torch.manual_seed(0)
+    options = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, doc_mask=doc_mask, eot_id=0)
+    gqa = GPT(tiny(n_kv_head=2, **options)).eval()
+    randomize(gqa)
+    mha = GPT(tiny(**options)).eval()
+    assert gqa.blocks[0].attn.k.weight.shape == (32, 64) and mha.blocks[0].attn.k.weight.shape == (64, 64)
+    with torch.no_grad():
+        for name, p in mha.named_parameters():
+            mine = gqa.get_parameter(name)
+            if name.endswith(("attn.k.weight", "attn.v.weight")):  # [kv heads * hd, d] -> each head twice
+                mine = mine.view(2, 1, 16, 64).expand(2, 2, 16, 64).reshape(64, 64)
+            p.copy_(mine)
+    idx = torch.randint(1, 97, (2, 32))
+    idx[:, 10] = 0  # a document boundary for doc_mask
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=0)
+    assert gqa.num_params() == mha.num_params() - 2 * 2 * 32 * 64  # two layers, k and v half the rows
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])

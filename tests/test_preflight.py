@@ -69,7 +69,7 @@ def test_preflight_names_what_is_broken(prose_bytes, tmp_path):
         return model
 
     cut = run_preflight(cfg, model_fn=head_cut_off)
-    assert "gradients" in _failed(cut) and "blocks.0.attn.qkv.weight" in cut.check("gradients").details["no_grad"]
+    assert "gradients" in _failed(cut) and "blocks.0.attn.q.weight" in cut.check("gradients").details["no_grad"]
     assert "tok_emb.weight" not in cut.check("gradients").details["no_grad"]  # the tied head still learns
 
     def head_detached() -> GPT:

@@ -80,7 +80,7 @@ def test_measure_and_update_match_a_hand_written_step():
         assert factor == pytest.approx(min(1.0, cfg.optim.grad_clip / norm), rel=1e-5)
         clipped += factor < 1.0
     assert clipped  # the clip path was exercised
-    # atol: the key half of qkv.bias has a zero gradient in exact arithmetic (softmax ignores a
+    # atol: k.bias has a zero gradient in exact arithmetic (softmax ignores a
     # shift shared by all keys), so it moves only by rounding noise (~1e-12) over Adam's eps
     # (1e-8) times the LR, which the fused and the reference foreach AdamW round differently.
     for name, p in backend.raw_model.named_parameters():

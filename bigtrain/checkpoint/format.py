@@ -40,7 +40,7 @@ import torch
 
 from bigtrain.config import Config
 
-FORMAT_VERSION = 2  # 2: one state.pt of named parts (1 had train_state.pt)
+FORMAT_VERSION = 3  # 3: attention's q, k, v apart (2 had a fused qkv); 2: one state.pt of named parts
 MANIFEST, META, STATE = "manifest.json", "meta.json", "state.pt"
 _COMMITTED = re.compile(r"^step-(\d{8,})$")
 

@@ -84,9 +84,13 @@ def find_documents(idx: torch.Tensor, eot_id: int, dtype: torch.dtype = torch.fl
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, dropout_p: float) -> torch.Tensor:
-    """Causal attention within documents; q, k, v and the result are [B, H, T, hd]."""
+    """Causal attention within documents; q and the result are [B, H, T, hd], k and v
+    [B, H_kv, T, hd] (grouped-query attention when H_kv < H)."""
+    grouped = k.size(1) != q.size(1)
     if docs.mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, dropout_p=dropout_p, enable_gqa=grouped)
+    if grouped:  # varlen_attn takes as many k/v heads as query heads
+        k, v = (x.repeat_interleave(q.size(1) // k.size(1), dim=1) for x in (k, v))
     # The B rows as one sequence of B*T tokens (documents never cross rows: every row starts one).
     # q and k may be fp32 under autocast (QK-norm); v comes from a Linear, in the compute dtype.
     B, H, T, hd = q.shape

@@ -68,15 +68,20 @@ class Attention(nn.Module):
     """Causal multi-head self-attention through ``F.scaled_dot_product_attention``
     (or, given ``docs``, within each document: :func:`bigtrain.model.doc_mask.attend`).
 
-    One fused ``qkv`` projection (its rows are q, k, v in that order, each split
-    into heads contiguously) so it maps directly onto GPT-2's ``c_attn`` and onto
-    LLaMA's separate ``q_proj``/``k_proj``/``v_proj``.
+    Separate ``q``, ``k``, ``v`` projections, each split into heads contiguously (LLaMA's
+    ``q_proj``/``k_proj``/``v_proj``; GPT-2's fused ``c_attn`` is the three side by side), so
+    tensor parallelism can split each by heads (bigtrain/parallel/tp.py) and keys/values
+    can have fewer heads than queries: grouped-query attention (``n_kv_head``), each k/v
+    head serving ``n_head / n_kv_head`` query heads. Head counts are read from the
+    projections' outputs in ``forward``, so a tensor-parallel rank computes its own heads.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.head_dim, self.dropout = cfg.head_dim, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
+        self.v = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         # QK-norm bounds the attention logits, a cheap guard against loss spikes.
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -85,8 +90,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 docs: Documents | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)  # each [B, T, H, hd]
+        B, T, _ = x.shape
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q, self.k, self.v))  # [B, T, heads, hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
@@ -95,10 +100,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
         if docs is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                               enable_gqa=k.size(1) != q.size(1))
         else:
             y = attend(q, k, v, docs, dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
 
