@@ -270,7 +270,7 @@ class ParallelConfig(Section):
     checkpoint_every: int = Field(1, ge=1, description="apply activation checkpointing to every k-th block only")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each block: auto (on CUDA; off on CPU, where bench/overhead.py measured "
-                            "no gain and 7-30 s of compile up front) | true | false")
+                            "no gain and 10-70 s of compile up front) | true | false")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
 
