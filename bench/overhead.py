@@ -313,7 +313,7 @@ def main() -> None:
         return bare_recipe(args.bare_recipe)
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
-    for name in args.sizes.split(","):
+    for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
         out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
         if args.compile and name != "124M":
             out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"],
