@@ -82,23 +82,24 @@ class Backend:
         rank must agree on, e.g. stop requests; summed) go over the ranks in one all-reduce."""
         scale = 1.0 / batch.tokens[:, 1:].numel()
         micro = list(batch.micro_batches(micro_size))
-        loss = torch.zeros((), device=self.env.device)
         with phase("forward_backward"):
             for i, (inputs, targets) in enumerate(micro):
-                loss += self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
+                share = self.forward_backward(inputs, targets, scale, last=i == len(micro) - 1)
+                loss = share if i == 0 else loss + share
             if after_backward is not None:
                 after_backward(self)
         with phase("reduce"):
             self._norm = self.grad_norm()
             # A NaN in this rank's loss makes the summed loss NaN everywhere; one in its gradients
-            # may not (a fault written after the reduction), hence the flag.
-            parts = [loss.float().reshape(1), (~self._norm.isfinite()).float().reshape(1)]
+            # may not (a fault written after the reduction), hence the flag: norm * 0 is 0 for a
+            # finite norm and NaN otherwise, and stays NaN in the sum over ranks.
+            parts = [loss.float().reshape(1), (self._norm.float() * 0).reshape(1)]
             if agree is not None:
                 parts.append(agree.to(self.env.device, torch.float32, non_blocking=True).reshape(-1))
             packed = self.env.all_reduce(torch.cat(parts))
         # Ranks hold equal token counts, so the mean of the rank means is the global token mean.
         mean_loss = packed[0] / self.env.world
-        nonfinite = (packed[1] > 0) | ~mean_loss.isfinite()
+        nonfinite = (packed[1] + mean_loss * 0).isnan()  # NaN when the loss or some rank's norm was not finite
         return StepStats(mean_loss, self._norm, nonfinite, packed[2:] if agree is not None else None)
 
     def update(self, lr: float | torch.Tensor, max_norm: float, apply: torch.Tensor | None = None) -> torch.Tensor:
