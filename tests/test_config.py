@@ -205,3 +205,14 @@ def test_readme_config_reference_is_generated_from_the_schema():
     block = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
     assert block == reference_markdown(), "README config reference is stale: regenerate it with " \
         "python -c 'from bigtrain.config_reference import reference_markdown as r; print(r())'"
+
+
+def test_compile_auto_is_the_default_and_compiles_on_cuda_only():
+    """parallel.compile: auto compiles where it pays (CUDA); on the CPU bench/overhead.py measured no
+    faster step for a long compile up front. true and false mean what they say on either device."""
+    assert load_config().parallel.compile == "auto"
+    resolved = {value: [load_config(overrides=[f"parallel.compile={value}"]).parallel.compiles(device)
+                        for device in ("cpu", "cuda")] for value in ("auto", "true", "false")}
+    assert resolved == {"auto": [False, True], "true": [True, True], "false": [False, False]}
+    with pytest.raises(ConfigError, match="parallel.compile"):
+        load_config(overrides=["parallel.compile=sometimes"])
