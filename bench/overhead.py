@@ -182,6 +182,7 @@ def mark(restart_clock: bool = False) -> tuple[float, float]:
     ``restart_clock``: the phase clock counts from here (after the warm-up)."""
     if restart_clock:
         CLOCK.totals.clear()
+    CLOCK.at_step_start()
     return time.perf_counter(), time.process_time()
 
 
@@ -201,6 +202,12 @@ class PhaseClock:
 
     def __init__(self):
         self.totals: dict[str, float] = {}
+        self.until_last_start: dict[str, float] = {}  # the totals at the newest step start
+
+    def at_step_start(self) -> None:
+        """What :meth:`per_step` counts ends here: the last step and the final save are left
+        out, as the per-step times between step starts leave them out."""
+        self.until_last_start = dict(self.totals)
 
     def install(self) -> None:
         for module in self.MODULES:
@@ -214,7 +221,9 @@ class PhaseClock:
         self.totals[name] = self.totals.get(name, 0.0) + time.thread_time() - start
 
     def per_step(self, steps: int) -> dict:
-        return {p: round(self.totals[p] / steps * 1e3, 3) for p in PHASES if p in self.totals}
+        """Milliseconds per step over the ``steps`` steps between the warm-up and the last start."""
+        totals = self.until_last_start
+        return {p: round(totals[p] / steps * 1e3, 3) for p in PHASES if p in totals}
 
 
 CLOCK = PhaseClock()
@@ -236,7 +245,7 @@ def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), time
             wall[kind].append(per_step_ms(marks, warm))
             cpu[kind].append(per_step_ms(marks, warm, clock=1))
             first[kind].append((marks[1][0] - marks[0][0]) * 1e3)
-            phases[kind].append(CLOCK.per_step(steps))
+            phases[kind].append(CLOCK.per_step(len(marks) - 1 - warm))
     med = {k: statistics.median(v) for k, v in wall.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     return {
