@@ -16,27 +16,34 @@ Both loops build the same model (bigtrain's GPT, same seed) and the same optimiz
 random windows of the same memory-mapped tokens synchronously, clips with
 ``clip_grad_norm_`` and reads the loss on logging steps (every 10), as nanoGPT does.
 Wall time per step is measured between step starts after a warm-up, alternating the two
-loops ``--repeats`` times; medians are reported. ``phases_ms`` is a per-step breakdown
-from a separate run under ``torch.profiler`` (the ``bigtrain/<phase>`` ranges of
-:mod:`bigtrain.phases`, which the bare loop labels too; the profiler inflates all of it
-a little). ``prefetch_ready`` is the fraction of steps whose batch the loader's thread had
-finished before the loop asked for it.
+loops ``--repeats`` times; medians are reported, and so is the process's CPU time per step
+(``cpu_ms_per_step``: all its threads, the loader's included), which another process on the
+same cores disturbs far less than the wall time. ``phases_cpu_ms`` is the per-step breakdown
+from the same timed runs: the main thread's CPU time in each ``bigtrain/<phase>`` range of
+:mod:`bigtrain.phases` (which the bare loop labels too; :class:`PhaseClock`).
+``prefetch_ready`` is the fraction of steps whose batch the loader's thread had finished
+before the loop asked for it.
 
 ``recipe``: the whole small recipe (``tiny``, ``--recipe-steps`` steps, eval every 250 steps on
 20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
 ``python -m bigtrain train`` against this file's ``--bare-recipe`` mode (the same work in a
-bare loop, ``torch.save`` at the end). ``--compile`` adds the ``tiny`` and ``25M`` loops with
+bare loop, ``torch.save`` at the end), alternating which goes first, with the children's CPU
+time next to the wall time. ``--compile`` adds the ``tiny`` and ``25M`` loops with
 ``parallel.compile=true`` (and the bare loop with the same per-block ``torch.compile``), with the
 first step's time (the compile) reported apart.
 
-The machine may be shared: timings are noisy; see ``load_before``/``load_after``.
+The machine may be shared: wall timings are noisy; see ``load_before``/``load_after`` (and
+prefer the CPU figures while the load average is above the number of cores).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +62,7 @@ from bigtrain.optim import build_optimizer, lr_at
 from bigtrain.parallel.base import prepare_blocks
 from bigtrain.parallel.env import DistEnv
 from bigtrain.phases import PHASES, phase
-from bigtrain.trainer import Trainer
+from bigtrain.phases import phase as phase_range
 from common import SHAKESPEARE
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
@@ -94,8 +101,10 @@ def size_config(name: str, tmp: Path, steps: int, extra: list[str] = ()):
 
 
 # ---------------------------------------------------------------- the bare loop (nanoGPT's shape)
-def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None) -> list[float]:
-    """nanoGPT's training loop around bigtrain's model and optimizer; returns each step's start time."""
+def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None,
+              warm: int = 0) -> list[tuple]:
+    """nanoGPT's training loop around bigtrain's model and optimizer; returns each step's :func:`mark`
+    (the phase clock counts from step ``warm`` on)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     prepare_blocks(model, cfg)   # per-block compile, when asked, exactly as bigtrain does it
@@ -105,7 +114,7 @@ def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = N
     gen = torch.Generator().manual_seed(cfg.seed)
     marks = []
     for it in range(steps):
-        marks.append(time.perf_counter())
+        marks.append(mark(len(marks) == warm))
         for group in opt.param_groups:
             group["lr"] = lr_at(it, rows, cfg)
         with phase("data"):
@@ -144,15 +153,16 @@ def evaluate(model, split, cfg, batches: int) -> float:
 
 
 # ---------------------------------------------------------------- bigtrain's loop
-def bigtrain_loop(cfg, splits, stats: dict | None = None) -> list[float]:
-    """``Trainer.fit`` as it runs; returns each step's start time (``stats`` gets prefetch counts)."""
+def bigtrain_loop(cfg, splits, stats: dict | None = None, warm: int = 0) -> list[tuple]:
+    """``Trainer.fit`` as it runs; returns each step's :func:`mark` (``stats`` gets prefetch counts)."""
+    from bigtrain.trainer import Trainer  # here: the bare recipe's process imports no more than it uses
     run_dir = Path(cfg.run_dir)
     cfg = cfg.model_copy(update={"run_dir": str(run_dir.parent / f"{run_dir.name}-{time.time_ns()}")})
     trainer = Trainer(cfg, CPU, splits)
     marks, get = [], trainer.loader.get
 
     def timed_get(position, size, next_size=None):
-        marks.append(time.perf_counter())
+        marks.append(mark(len(marks) == warm))
         if stats is not None:
             pending = trainer.loader.pending
             stats["ready"] = stats.get("ready", 0) + bool(pending is not None and pending[1].done())
@@ -167,44 +177,91 @@ def bigtrain_loop(cfg, splits, stats: dict | None = None) -> list[float]:
     return marks
 
 
-def per_step_ms(marks: list[float], warm: int) -> float:
-    return (marks[-1] - marks[warm]) / (len(marks) - 1 - warm) * 1e3
+def mark(restart_clock: bool = False) -> tuple[float, float]:
+    """A step's start: wall time and this process's CPU time (all its threads: the loader's too);
+    ``restart_clock``: the phase clock counts from here (after the warm-up)."""
+    if restart_clock:
+        CLOCK.totals.clear()
+    CLOCK.at_step_start()
+    return time.perf_counter(), time.process_time()
 
 
-def phases_ms(run, steps: int) -> dict:
-    """Per-step milliseconds in each ``bigtrain/<phase>`` range of a run under the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("bigtrain/")}
-    return {p: round(totals.get(f"bigtrain/{p}", 0.0) / steps / 1e3, 3) for p in PHASES
-            if f"bigtrain/{p}" in totals}
+def per_step_ms(marks: list[tuple], warm: int, clock: int = 0) -> float:
+    """Milliseconds per step after ``warm`` steps; ``clock`` 0: wall, 1: CPU."""
+    return (marks[-1][clock] - marks[warm][clock]) / (len(marks) - 1 - warm) * 1e3
+
+
+class PhaseClock:
+    """The main thread's CPU time in each named phase, per step (``with clock.phase(name)``, put in
+    place of :func:`bigtrain.phases.phase` in the modules that label the step). Why CPU time, not
+    the profiler's wall ranges: on a shared machine another process can take the core in the
+    middle of any phase, and the profiler inflates small ops; a thread's CPU time is what this
+    code itself spends, whoever else runs."""
+
+    MODULES = ("bigtrain.trainer", "bigtrain.parallel.base", __name__)
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.until_last_start: dict[str, float] = {}  # the totals at the newest step start
+
+    def at_step_start(self) -> None:
+        """What :meth:`per_step` counts ends here: the last step and the final save are left
+        out, as the per-step times between step starts leave them out."""
+        self.until_last_start = dict(self.totals)
+
+    def install(self) -> None:
+        for module in self.MODULES:
+            importlib.import_module(module).phase = self.phase
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.thread_time()
+        with phase_range(name):
+            yield
+        self.totals[name] = self.totals.get(name, 0.0) + time.thread_time() - start
+
+    def per_step(self, steps: int) -> dict:
+        """Milliseconds per step over the ``steps`` steps between the warm-up and the last start."""
+        totals = self.until_last_start
+        return {p: round(totals[p] / steps * 1e3, 3) for p in PHASES if p in totals}
+
+
+CLOCK = PhaseClock()
 
 
 def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), timed: int | None = None) -> dict:
+    """Both loops ``repeats`` times, alternating (A B A B ...): medians of wall and CPU time per
+    step and of each phase's CPU time per step."""
     _, _, _, warm, steps = SIZES[name]
     steps = timed or steps
     cfg, splits = size_config(name, tmp, warm + steps, extra)
-    bare, ours, first, stats = [], [], {"bare": [], "bigtrain": []}, {}
+    runs = {"bare": lambda: bare_loop(cfg, splits[1], warm + steps, warm=warm),
+            "bigtrain": lambda: bigtrain_loop(cfg, splits, stats, warm=warm)}
+    (wall, cpu, first, phases), stats = ({k: [] for k in runs} for _ in range(4)), {}
+    CLOCK.install()
     for _ in range(repeats):
-        marks = bare_loop(cfg, splits[1], warm + steps)
-        bare.append(per_step_ms(marks, warm))
-        first["bare"].append((marks[1] - marks[0]) * 1e3)
-        marks = bigtrain_loop(cfg, splits, stats)
-        ours.append(per_step_ms(marks, warm))
-        first["bigtrain"].append((marks[1] - marks[0]) * 1e3)
-    profiled = min(steps, 10)
-    pcfg, psplits = size_config(name, tmp, warm + profiled, extra)
-    b, o = statistics.median(bare), statistics.median(ours)
+        for kind, run in runs.items():
+            marks = run()
+            wall[kind].append(per_step_ms(marks, warm))
+            cpu[kind].append(per_step_ms(marks, warm, clock=1))
+            first[kind].append((marks[1][0] - marks[0][0]) * 1e3)
+            phases[kind].append(CLOCK.per_step(len(marks) - 1 - warm))
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "params_M": round(GPT(cfg.model).num_params() / 1e6, 2), "precision": cfg.parallel.precision,
         "batch": cfg.batch.global_size, "seq_len": cfg.model.seq_len, "timed_steps": steps, "repeats": repeats,
-        "bare_ms_per_step": round(b, 2), "bigtrain_ms_per_step": round(o, 2),
-        "difference_ms": round(o - b, 2), "bigtrain_vs_bare": round(o / b, 4),
-        "all_bare_ms": [round(x, 2) for x in bare], "all_bigtrain_ms": [round(x, 2) for x in ours],
+        "bare_ms_per_step": round(med["bare"], 2), "bigtrain_ms_per_step": round(med["bigtrain"], 2),
+        "difference_ms": round(med["bigtrain"] - med["bare"], 2),
+        "bigtrain_vs_bare": round(med["bigtrain"] / med["bare"], 4),
+        "all_ms": {k: [round(x, 2) for x in v] for k, v in wall.items()},
+        "cpu_ms_per_step": {k: round(v, 2) for k, v in cpu_med.items()},
+        "cpu_bigtrain_vs_bare": round(cpu_med["bigtrain"] / cpu_med["bare"], 4),
+        "all_cpu_ms": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
         "first_step_ms": {k: round(statistics.median(v), 1) for k, v in first.items()},
         "prefetch_ready": round(stats["ready"] / max(1, stats["asked"]), 3),
-        "phases_ms": {"bare": phases_ms(lambda: bare_loop(pcfg, psplits[1], warm + profiled), warm + profiled),
-                      "bigtrain": phases_ms(lambda: bigtrain_loop(pcfg, psplits), warm + profiled)},
+        "phases_cpu_ms": {k: {p: round(statistics.median(r.get(p, 0.0) for r in v), 3) for p in v[0]}
+                          for k, v in phases.items()},
     }
 
 
@@ -227,19 +284,29 @@ def bare_recipe(args: list[str]) -> None:
 
 def recipe(tmp: Path, steps: int, repeats: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    walls = {"bare": [], "bigtrain": []}
+    walls, cpus = {"bare": [], "bigtrain": []}, {"bare": [], "bigtrain": []}
     for r in range(repeats):
-        for kind in ("bare", "bigtrain"):
+        for kind in ("bare", "bigtrain") if r % 2 == 0 else ("bigtrain", "bare"):  # neither always goes first
             run_dir = tmp / f"recipe-{kind}-{r}"
             args = recipe_args(tmp, steps, run_dir)
             cmd = [sys.executable, __file__, "--bare-recipe", *args] if kind == "bare" else \
                 [sys.executable, "-m", "bigtrain", "train", *args]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), children_cpu()
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             walls[kind].append(time.perf_counter() - t0)
+            cpus[kind].append(children_cpu() - c0)
     b, o = statistics.median(walls["bare"]), statistics.median(walls["bigtrain"])
+    cb, co = statistics.median(cpus["bare"]), statistics.median(cpus["bigtrain"])
     return {"steps": steps, "repeats": repeats, "bare_s": round(b, 2), "bigtrain_s": round(o, 2),
-            "bigtrain_vs_bare": round(o / b, 4), "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()}}
+            "bigtrain_vs_bare": round(o / b, 4), "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
+            "cpu_s": {"bare": round(cb, 2), "bigtrain": round(co, 2)}, "cpu_bigtrain_vs_bare": round(co / cb, 4),
+            "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in cpus.items()}}
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children (all their threads)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -256,7 +323,7 @@ def main() -> None:
         return bare_recipe(args.bare_recipe)
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
-    for name in args.sizes.split(","):
+    for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
         out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
         if args.compile and name != "124M":
             out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"],

@@ -268,7 +268,9 @@ class ParallelConfig(Section):
         "none", description="none | full (recompute whole blocks in backward) | op (keep matmul and attention "
                             "outputs, recompute the cheap ops); true/false mean full/none")
     checkpoint_every: int = Field(1, ge=1, description="apply activation checkpointing to every k-th block only")
-    compile: bool = Field(False, description="torch.compile each block")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each block: auto (on CUDA; off on CPU, where bench/overhead.py measured "
+                            "no gain and 10-70 s of compile up front) | true | false")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (backend fsdp): attention heads, MLP and vocabulary "
@@ -280,6 +282,10 @@ class ParallelConfig(Section):
     @classmethod
     def _checkpointing_bool(cls, v: Any) -> Any:
         return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v  # the key was a bool
+
+    def compiles(self, device: str) -> bool:
+        """Whether blocks are compiled on ``device`` ("cpu" | "cuda"). ``auto``: on CUDA only."""
+        return device == "cuda" if self.compile == "auto" else self.compile
 
 
 class CheckpointConfig(Section):

@@ -177,7 +177,7 @@ class Trainer:
             verdict = self.guard.judge(stats.loss, stats.grad_norm, stats.nonfinite)  # the same on every rank
             lr = self.lr_now(batch.size)  # the schedule follows applied updates
         clip = backend.update(lr, cfg.optim.grad_clip, apply=verdict.apply)
-        values = torch.cat([verdict.values(), clip.double().reshape(1), stats.agreed.double()])
+        values = torch.cat([verdict.values(), clip.reshape(1), stats.agreed])  # float64, as values() is
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "clip": clip, "applied": verdict.apply,
                 "verdict": verdict, "values": values, "batch_size": batch.size}
 

@@ -104,11 +104,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def test_shipped_configs_resolve_to_what_they_did_before_they_shrank_to_deltas(name, monkeypatch, tmp_path):
     """tests/data/configs-e06272a.json: every shipped config resolved at commit e06272a, when
     each was a full file. Keys added to the schema since then are not compared, nor
-    stability.window and stability.warmup, whose meaning changed with the detector."""
+    stability.window and stability.warmup, whose meaning changed with the detector; a config
+    that left parallel.compile to its default then (false) has the new default (auto)."""
     before = json.loads((REPO / "tests/data/configs-e06272a.json").read_text())[name]
     key = "parallel.activation_checkpointing"  # was a bool; true/false still mean full/none
     if key in before:
         before[key] = {True: "full", False: "none"}[before[key]]
+    key = "parallel.compile"  # default false then, auto since issue 15: off on CPU as before, on under CUDA
+    if before.get(key) is False and "compile:" not in (REPO / "configs" / name).read_text():
+        before[key] = "auto"
     monkeypatch.chdir(tmp_path)   # no data/ here: vocab_size stays `auto`, as it was frozen
     now = _flat(load_config(REPO / "configs" / name).to_dict())
     assert {key: now.get(key, "<missing>") for key in before} == before
@@ -201,3 +205,14 @@ def test_readme_config_reference_is_generated_from_the_schema():
     block = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
     assert block == reference_markdown(), "README config reference is stale: regenerate it with " \
         "python -c 'from bigtrain.config_reference import reference_markdown as r; print(r())'"
+
+
+def test_compile_auto_is_the_default_and_compiles_on_cuda_only():
+    """parallel.compile: auto compiles where it pays (CUDA); on the CPU bench/overhead.py measured no
+    faster step for a long compile up front. true and false mean what they say on either device."""
+    assert load_config().parallel.compile == "auto"
+    resolved = {value: [load_config(overrides=[f"parallel.compile={value}"]).parallel.compiles(device)
+                        for device in ("cpu", "cuda")] for value in ("auto", "true", "false")}
+    assert resolved == {"auto": [False, True], "true": [True, True], "false": [False, False]}
+    with pytest.raises(ConfigError, match="parallel.compile"):
+        load_config(overrides=["parallel.compile=sometimes"])

@@ -91,8 +91,8 @@ class StepVerdict:
 
     def values(self) -> torch.Tensor:
         """Everything the host needs, as one float64 vector to copy back in one go."""
-        return torch.cat([torch.stack([self.code.double(), self.loss.double(), self.grad_norm.double()]),
-                          self.details.double()])
+        return torch.cat([self.code.reshape(1), self.loss.reshape(1), self.grad_norm.reshape(1),
+                          self.details]).double()  # (cat promotes each part to the widest dtype: one copy)
 
     @staticmethod
     def from_values(values: list[float]) -> Verdict:
