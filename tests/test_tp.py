@@ -7,7 +7,7 @@ one document per paragraph, and llama (rmsnorm, swiglu, rope, untied head) with 
 vocabulary-parallel loss and a z-loss. One plain process trains the same
 two runs without any parallelism: the reference. The gpt2 runs take a NaN in one
 rank's gradient at step 3 (the guard must skip that step everywhere), and their
-step-5 checkpoint is resumed on one process and at (dp=1, tp=2).
+step-5 checkpoint is resumed on one process, at (dp=4, tp=1) and at (dp=1, tp=2).
 """
 from __future__ import annotations
 
@@ -111,15 +111,17 @@ def test_a_tp_group_reads_the_same_rows_and_dp_ranks_the_global_batch(runs):
 
 @pytest.fixture(scope="module")
 def resumed(runs, paragraphs) -> Path:
-    """The (dp=2, tp=2) gpt2 run's step-5 checkpoint, resumed on one process and at (dp=1, tp=2)."""
+    """The (dp=2, tp=2) gpt2 run's step-5 checkpoint, resumed on one process, at (dp=4, tp=1) and at (dp=1, tp=2)."""
     step5 = str(runs / "tp2" / "gpt2" / "checkpoints" / "step-00000005")
     worker(1, runs / "resume-one", [f"gpt2+dm={paragraphs}"], "--resume", step5)
+    worker(4, runs / "resume-dp4", [f"gpt2+dm={paragraphs}"], "--backend", "fsdp", "--resume", step5,
+           "--micro-size", "2")
     worker(2, runs / "resume-tp2", [f"gpt2+dm={paragraphs}"], "--backend", "fsdp", "--tp", "2", "--resume", step5)
     return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["resume-one", "resume-tp2"])
+@pytest.mark.parametrize("where", ["resume-one", "resume-dp4", "resume-tp2"])
 def test_a_tp_checkpoint_resumes_on_other_layouts(resumed, where):
     """Model and optimizer state resharded by DCP: the following losses are the uninterrupted run's."""
     want = logged(resumed / "tp2" / "gpt2", "loss")[5:]

@@ -40,7 +40,7 @@ def run(out: Path, spec: str, data: str, args, env) -> None:
     cfg = tiny_config(data, run_dir, parallel__backend=args.backend, parallel__tp=args.tp,
                       parallel__loss_parallel="lp" in extra and args.tp > 1, model__doc_mask="dm" in extra,
                       model__z_loss=1e-3 if "z" in extra else 0.0,
-                      checkpoint__every=5,
+                      checkpoint__every=5, batch__micro_size=args.micro_size,
                       checkpoint__resume=args.resume or "never", faults__nan_at=args.nan_at,
                       faults__rank=env.world - 1, **STYLES[style])
     trainer = Trainer(cfg, env)
@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--nan-at", type=int, action="append", default=[])
     p.add_argument("--resume")
+    p.add_argument("--micro-size", type=int, default=4)  # 8 rows over 4 dp ranks need 2
     args = p.parse_args()
     env = init_distributed("cpu", group=args.backend != "none")
     with fail_fast(env):
