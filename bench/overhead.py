@@ -107,7 +107,7 @@ def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = N
     (the phase clock counts from step ``warm`` on)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
-    prepare_blocks(model, cfg)   # per-block compile, when asked, exactly as bigtrain does it
+    prepare_blocks(model, cfg, torch.device("cpu"))   # per-block compile, when asked, exactly as bigtrain does it
     opt = build_optimizer(model, cfg)
     seq, rows, clip = cfg.model.seq_len, cfg.batch.global_size, cfg.optim.grad_clip
     bf16 = cfg.parallel.precision == "bf16"

@@ -31,7 +31,7 @@ class LocalBackend(Backend):
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv):
         super().__init__(on_device(model, cfg, env.device), cfg, env)
-        prepare_blocks(model, cfg)
+        prepare_blocks(model, cfg, env.device)
         self.optimizer = build_optimizer(self.raw_model, cfg)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:

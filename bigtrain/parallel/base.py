@@ -32,14 +32,14 @@ from bigtrain.parallel.tp import vocab_logsumexp
 from bigtrain.phases import phase
 
 
-def prepare_blocks(model: GPT, cfg: Config) -> None:
+def prepare_blocks(model: GPT, cfg: Config, device: torch.device) -> None:
     """Activation checkpointing (bigtrain/parallel/recompute.py) and ``torch.compile``, per
     block and in place, so that parameter names (and therefore checkpoints and exports) are unchanged.
-    ``parallel.compile: auto`` compiles on CUDA only: on the CPU bench/overhead.py measured no
-    faster step at 0.8M, 25M or 124M parameters, for 10-70 s of compiling up front."""
+    ``parallel.compile: auto`` compiles on CUDA only (``device``, where the model runs): on the CPU
+    bench/overhead.py measured no faster step at 0.8M, 25M or 124M parameters, for 10-70 s of
+    compiling up front."""
     checkpoint_blocks(model.blocks, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
-    cuda = cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto" and torch.cuda.is_available())
-    if cfg.parallel.compiles("cuda" if cuda else "cpu"):
+    if cfg.parallel.compiles(device.type):
         for block in model.blocks:
             block.compile()
 

@@ -118,7 +118,7 @@ class DeepSpeedBackend(Backend):
             materialize(model, initial_weights(cfg, model))
         else:
             model = on_device(model, cfg, env.device)
-        prepare_blocks(model, cfg)
+        prepare_blocks(model, cfg, env.device)
         o = cfg.optim
         engine, *_ = deepspeed.initialize(
             model=model, config=ds_config,

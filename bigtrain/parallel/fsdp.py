@@ -60,7 +60,7 @@ class FSDPBackend(Backend):
             mesh = env.mesh()
             parallelize(model, mesh["tp"], p.loss_parallel)
             dp_mesh = mesh["dp"]
-        prepare_blocks(model, cfg)
+        prepare_blocks(model, cfg, env.device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if p.precision == "bf16" else MixedPrecisionPolicy()
         last = len(model.blocks) - 1
