@@ -37,6 +37,7 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.data.loader import Batch
 from bigtrain.data.order import batch_size_at
 from bigtrain.parallel.backend import backend_class
+from bigtrain.parallel.env import DistEnv
 
 
 def check_faults(cfg: Config, world: int) -> None:
@@ -62,9 +63,8 @@ def nominal_windows(steps: list[int], cfg: Config) -> list[tuple[int, int]]:
 
 
 class Faults:
-    def __init__(self, cfg: Config, rank: int, world: int, rows: tuple[int, int] | None = None):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.rows = rows or (rank, world)  # (dp rank, dp size): whose rows of a batch this rank reads
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env, self.rank = cfg, env, env.rank
         self.bad_data = nominal_windows(cfg.faults.spike_at, cfg)
 
     def describe(self) -> str | None:
@@ -84,7 +84,7 @@ class Faults:
             return batch
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(pos[0]))
         rows = torch.randint(self.cfg.model.vocab_size, (batch.size, batch.tokens.shape[1]), generator=g)
-        batch.tokens = rows[self.rows[0]::self.rows[1]].to(batch.tokens.device)
+        batch.tokens = rows[self.env.dp_rank::self.env.dp_size].to(batch.tokens.device)  # this rank's rows
         return batch
 
     def corrupt_grads(self, step: int, backend) -> None:

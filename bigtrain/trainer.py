@@ -138,7 +138,7 @@ class Trainer:
         self.settled: dict = {}                       # the host's numbers of the newest step read
         self.aborted = AbortMark(cfg, env)
         self.health = Health(cfg, env, self.backend, self.metrics, self.ledger)  # detail metrics, NaN tracing
-        self.faults = Faults(cfg, env.rank, env.world, rows=(env.dp_rank, env.dp_size))
+        self.faults = Faults(cfg, env)
         self.checkpointer = Checkpointer(cfg, env, self.metrics.text, before_commit=self.faults.crash_in_checkpoint)
         self.stop = StopRequest(self.run_dir, env)    # from here on SIGTERM/SIGUSR1 only set a flag
         self.profiler = StepProfiler(cfg.profile.steps, self.run_dir, env.rank, env.device)  # profile.steps
