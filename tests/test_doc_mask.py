@@ -113,7 +113,7 @@ def test_varlen_layout_matches_the_mask(monkeypatch):
     q, k, v = torch.randn(3, 3, 4, 32, 8).bfloat16().unbind(0)
     dense = attend(q.float(), k.float(), v.float(), find_documents(idx, EOT), 0.0)
     monkeypatch.setattr(doc_mask, "VARLEN_DEVICES", ("cpu",))
-    monkeypatch.setattr(doc_mask, "varlen_attn", reference)
+    monkeypatch.setattr(doc_mask, "varlen_kernel", lambda: reference)
     docs = find_documents(idx, EOT, torch.bfloat16)
     assert docs.mask is None and docs.cu_seqlens.tolist() == [0, 7, 8, 20, 32, 33, 45, 46, 64, 96]
     torch.testing.assert_close(attend(q, k, v, docs, 0.0), dense, atol=1e-5, rtol=0)

@@ -46,13 +46,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.9; older versions fall back to the dense mask (and say so on CUDA)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
 log = logging.getLogger(__name__)
 VARLEN_DEVICES = ("cuda",)  # where varlen_attn has a kernel (FlashAttention)
+
+
+@functools.cache
+def varlen_kernel():
+    """``torch.nn.attention.varlen.varlen_attn``, imported on first use: importing it loads
+    ``torch._dynamo`` (1.7 s and 70 MB per process on this project's CPU machine), which a run
+    that never takes the varlen path does not need. None before torch 2.9 (the dense mask runs
+    then, and says so on CUDA)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 @dataclass
@@ -95,7 +103,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, d
     # q and k may be fp32 under autocast (QK-norm); v comes from a Linear, in the compute dtype.
     B, H, T, hd = q.shape
     flat = [x.to(v.dtype).transpose(1, 2).reshape(B * T, H, hd) for x in (q, k, v)]
-    y = varlen_attn(*flat, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, window_size=(-1, 0))
+    y = varlen_kernel()(*flat, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, window_size=(-1, 0))
     return y.view(B, T, H, hd).transpose(1, 2)
 
 
@@ -104,7 +112,7 @@ def _varlen_fits(device: torch.device, dtype: torch.dtype, dropout_p: float) -> 
         return False
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
-    if varlen_attn is None:
+    if varlen_kernel() is None:
         _say_dense_once(f"torch {torch.__version__} has no varlen_attn")
     elif dropout_p:
         _say_dense_once("attention dropout is on; varlen_attn has none")
