@@ -35,6 +35,17 @@ def test_permutation_is_pinned():
     assert permute(10**12, 1, 3, np.array([0, 1, 10**12 - 1])).tolist() == [436409101208, 190706900341, 191918486761]
 
 
+@settings(max_examples=50, deadline=None)
+@given(n=st.one_of(st.integers(1, 5000), st.integers(1, 2**62)), seed=seeds, epoch=st.integers(0, 10**6),
+       size=st.integers(33, 300), data=st.data())
+def test_small_and_large_index_arrays_agree(n, seed, epoch, size, data):
+    """Up to 32 indices are walked on Python ints, more in numpy: one permutation either way."""
+    idx = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=size, max_size=size)), dtype=np.int64)
+    whole = permute(n, seed, epoch, idx)  # numpy
+    pieces = [permute(n, seed, epoch, idx[i:i + 7]) for i in range(0, size, 7)]  # Python ints
+    assert whole.dtype == np.int64 and np.array_equal(whole, np.concatenate(pieces))
+
+
 def test_permute_huge_n_is_cheap():
     n = 2**61 + 12345
     idx = np.array([0, 1, n - 1, n // 2])
