@@ -74,7 +74,7 @@ class FSDPBackend(Backend):
         self.optimizer = build_optimizer(model, cfg)
 
     def grads(self) -> list[torch.Tensor]:
-        return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        return [_local(p.grad) for p in self.trained_parameters() if p.grad is not None]
 
     def grad_norm(self) -> torch.Tensor:
         """Sum of squares over this rank's shards, all-reduced: the exact global norm. Under tensor
@@ -82,7 +82,7 @@ class FSDPBackend(Backend):
         of its tp group): each square sum is divided by its number of copies, so every value
         counts once over both mesh dims."""
         by_copies: dict[int, list[torch.Tensor]] = {}
-        for p in self.model.parameters():
+        for p in self.trained_parameters():
             if p.grad is not None:
                 by_copies.setdefault(replicas(p.grad, self.env.world), []).append(_local(p.grad))
         sq = torch.zeros((), device=self.env.device)
