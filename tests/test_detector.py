@@ -8,9 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from bigtrain.config import StabilityConfig
-from bigtrain.stability.detector import NONFINITE, OK, SPIKE, SpikeDetector, trend_next
+from bigtrain.stability.detector import KINDS, NONFINITE, OK, SPIKE, SpikeDetector, trend_next
+from bigtrain.stability.host_detector import HostSpikeDetector
 from helpers import REPO, fit, read_jsonl, tiny_config
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -130,6 +132,43 @@ def test_from_config_uses_every_stability_setting():
     cfg = StabilityConfig(window=16, warmup=3, threshold=4.0, trend=6, min_spread=0.02)
     det = SpikeDetector.from_config(cfg)
     assert (det.window, det.warmup, det.threshold, det.trend, det.min_spread) == (16, 3, 4.0, 6, 0.02)
+
+
+# ---------------------------------------------------------------- the same rule on the host (CPU runs)
+@pytest.mark.parametrize("window,warmup,threshold,trend,min_spread", [
+    (128, 10, 6.0, 8, 0.01), (8, 3, 4.0, 6, 0.0), (16, 1, 3.0, 2, 0.02), (5, 20, 2.5, 13, 0.001)])
+def test_the_host_rule_gives_the_device_rules_verdicts_bitwise(window, warmup, threshold, trend, min_spread):
+    """On random descents with noise, planted spikes of every size, NaN/inf losses and norms and
+    the non-finite flag: the same verdicts, the same spike details and the same state, bitwise;
+    and a state saved by one continues alike under the other."""
+    rng = np.random.default_rng(window + warmup)
+    device = SpikeDetector(window, warmup, threshold, trend, min_spread)
+    host = HostSpikeDetector(window, warmup, threshold, trend, min_spread)
+    kinds = []
+    for t in range(600):
+        loss, norm, flag = 5.0 - 0.004 * t + rng.normal(0, 0.03) * rng.choice([1, 5]), rng.lognormal(0, 1), False
+        event = rng.random()
+        if event < 0.06:
+            loss += rng.choice([0.05, 0.2, 1.0, 10.0])
+        elif event < 0.07:
+            loss = float(rng.choice([math.nan, math.inf]))
+        elif event < 0.08:
+            norm = float(rng.choice([math.nan, math.inf, -math.inf]))
+        elif event < 0.09:
+            flag = True
+        loss = float(np.float32(loss))  # a loss reaches the guard as an fp32 all-reduce
+        args = (torch.tensor(loss), torch.tensor(norm, dtype=torch.float32), torch.tensor(flag))
+        (code_d, details_d), (code_h, details_h) = device.verdict(*args), host.verdict(*args)
+        kinds.append(KINDS[int(code_d)])
+        assert int(code_h) == int(code_d), (t, loss, norm, flag)
+        if kinds[-1] == SPIKE:
+            assert details_h.tolist() == details_d.tolist(), t
+        assert host.state_dict() == device.state_dict(), t
+        if t == 300:  # each continues from the other's state (a checkpoint's plain data)
+            device_state, host_state = json.loads(json.dumps(device.state_dict())), host.state_dict()
+            device.load_state_dict(host_state)
+            host.load_state_dict(device_state)
+    assert {OK, SPIKE, NONFINITE} <= set(kinds) and kinds.count(SPIKE) >= 10, kinds
 
 
 # ---------------------------------------------------------------- end to end: real bad data, real run

@@ -16,6 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigtrain.parallel.env import DistEnv
+from bigtrain.stability import guard
+from bigtrain.stability.detector import SpikeDetector
 from bigtrain.trainer import Trainer
 from helpers import tiny_config
 
@@ -37,7 +39,11 @@ class HostReads(TorchDispatchMode):
 
 def run_counting(cfg, device: torch.device, monkeypatch) -> list[dict]:
     """Fit ``cfg`` on ``device``; the reads of each loop iteration (iteration s takes step s's batch).
-    On CUDA, iterations of steps that need no values run under sync debug mode "error"."""
+    On CUDA, iterations of steps that need no values run under sync debug mode "error". On the
+    CPU too the guard judges by the device rule here (a CPU run's own guard reads the loss on
+    the host, where that is free: bigtrain/stability/host_detector.py), so that this counts
+    the reads of the code path a CUDA step takes."""
+    monkeypatch.setattr(guard, "HostSpikeDetector", SpikeDetector)
     trainer = Trainer(cfg, DistEnv(rank=0, world=1, local_rank=0, device=device))
     reads = HostReads()
     bulk = {"n": 0}

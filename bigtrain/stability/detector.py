@@ -82,7 +82,9 @@ bitwise the verdicts, details and histories of the previous one on 8000 random s
 40 settings, NaN and inf included). The price is about 110 tiny tensor ops a step (95 of
 them kernels, the rest views) where the plain-Python rule took 0.15 ms: about 1 ms of CPU
 time on this 2-core CPU; on CUDA as many kernel launches, queued asynchronously (fusing
-them, e.g. with torch.compile, is left to do). Every rank reaches
+them, e.g. with torch.compile, is left to do). A run on the CPU, where the host is the
+device, judges by the same rule on host floats instead (bigtrain/stability/host_detector.py:
+bitwise the same verdicts, about 0.1 ms). Every rank reaches
 the same verdict, and so does a resumed run, given :meth:`SpikeDetector.state_dict`.
 """
 from __future__ import annotations

@@ -52,6 +52,8 @@ from bigtrain.config import StabilityConfig
 from bigtrain.ledger import Ledger
 from bigtrain.parallel.env import DistEnv
 from bigtrain.stability.detector import KINDS, NONFINITE, OK, SPIKE, SpikeDetector, spike_details
+from bigtrain.stability.host_detector import HostSpikeDetector
+from bigtrain.stability.host_detector import HostSpikeDetector
 
 GO_ON, ROLLBACK, ABORT = "go on", "roll back", "abort"
 
@@ -121,7 +123,10 @@ class Decision:
 class Guard:
     def __init__(self, cfg: StabilityConfig, env: DistEnv, ledger: Ledger):
         self.cfg, self.env, self.ledger = cfg, env, ledger
-        self.detector = SpikeDetector.from_config(cfg, env.device)
+        # the rule on the device (no host sync on CUDA); on the CPU, where reading costs nothing,
+        # the same rule on host floats, ten times cheaper (stability/host_detector.py)
+        rule = HostSpikeDetector if env.device.type == "cpu" else SpikeDetector
+        self.detector = rule.from_config(cfg, env.device)
         self.episode: list[dict] = []    # the open episode: consecutive anomalous steps
         self.chain: dict | None = None   # {"start", "rollbacks", "normal"}: the rollbacks that count together
         self.rollbacks: list[dict] = []  # every rollback of the run, for the abort message
