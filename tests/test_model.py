@@ -234,3 +234,28 @@ def test_too_long_sequence_raises():
 def test_unresolved_vocab_raises():
     with pytest.raises(ValueError, match="auto"):
         GPT(ModelConfig(vocab_size="auto"))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_tied_tables_gradient_is_the_dense_one_and_stays_dense(micro_batches, monkeypatch):
+    """On the CPU the token lookup of a tied model hands back a sparse gradient that is added
+    into the head's dense one (GPT.sparse_lookup_grad): the table's gradient is what the dense
+    lookup gives, dense, over several micro-batches too; repeated tokens included."""
+    cfg = ModelConfig(vocab_size=50, seq_len=16, n_layer=2, n_head=2, d_model=32, tie_embeddings=True)
+    idx = torch.randint(0, 8, (micro_batches, 3, 17))  # few distinct tokens: many repeats
+
+    def table_grad(model: GPT) -> torch.Tensor:
+        for rows in idx:
+            lm_loss(model(rows[:, :-1]), rows[:, 1:])[0].backward()
+        return model.tok_emb.weight.grad
+
+    torch.manual_seed(0)
+    sparse_model = GPT(cfg)
+    dense_model = GPT(cfg)
+    dense_model.load_state_dict(sparse_model.state_dict())
+    assert sparse_model.sparse_lookup_grad(idx[0])
+    monkeypatch.setattr(dense_model, "sparse_lookup_grad", lambda idx: False)
+    grad, dense = table_grad(sparse_model), table_grad(dense_model)
+    assert grad.layout == torch.strided and grad.is_contiguous()
+    torch.testing.assert_close(grad, dense, rtol=1e-5, atol=1e-6)
+    assert not GPT(cfg.model_copy(update={"tie_embeddings": False})).sparse_lookup_grad(idx[0])

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from bigtrain.config import ModelConfig
 from bigtrain.model.doc_mask import Documents, attend, find_documents
@@ -229,7 +230,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
-        x = self.tok_emb(idx)
+        x = F.embedding(idx, self.tok_emb.weight, sparse=self.sparse_lookup_grad(idx))
         docs = None
         if self.cfg.doc_mask:  # the documents in each row; x's dtype helps choose the attention kernel
             docs = find_documents(idx, self.cfg.eot_id, x.dtype, self.cfg.dropout if self.training else 0.0)
@@ -245,6 +246,17 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope, docs)
         return self.lm_head(self.norm_f(x))
+
+    def sparse_lookup_grad(self, idx: torch.Tensor) -> bool:
+        """Whether the token lookup's gradient is sparse (the rows of the batch's tokens only).
+        With a tied head, the head's dense gradient reaches the shared table first and the
+        lookup's rows are added into it in place, instead of a dense zero table for the lookup
+        plus another for the sum: 2 x 0.19 GiB less at the end of gpt2-350m's backward (peak
+        RSS per rank of 4 FSDP ranks 2.62 -> 2.43 GiB) and less time (the 124M model's
+        backward on this CPU: ~40 ms of 900). The table's gradient stays dense. On the CPU only
+        (not yet measured on CUDA), and not under tensor parallelism (a DTensor table)."""
+        return (self.cfg.tie_embeddings and idx.device.type == "cpu"
+                and not isinstance(self.tok_emb.weight, DTensor))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counted once). ``non_embedding`` leaves out the token
