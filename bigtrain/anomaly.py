@@ -35,7 +35,10 @@ from bigtrain.parallel.env import DistEnv, rng_state, set_rng_state
 
 
 def _nonfinite(*values) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    """Whether any floating tensor among ``values`` holds a NaN/inf (of a sparse one, its values:
+    a tied model's token lookup hands back a sparse gradient on the CPU, GPT.sparse_lookup_grad)."""
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point()
+               and not bool(torch.isfinite(t._values() if t.is_sparse else t).all())
                for t in tree_leaves(values))
 
 
