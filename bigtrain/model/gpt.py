@@ -230,7 +230,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
-        x = F.embedding(idx, self.tok_emb.weight, sparse=self.sparse_lookup_grad(idx))
+        self.tok_emb.sparse = self.sparse_lookup_grad(idx)  # read by the module's forward (its hooks: TP's)
+        x = self.tok_emb(idx)
         docs = None
         if self.cfg.doc_mask:  # the documents in each row; x's dtype helps choose the attention kernel
             docs = find_documents(idx, self.cfg.eot_id, x.dtype, self.cfg.dropout if self.training else 0.0)
