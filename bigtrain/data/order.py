@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from bigtrain.data.dataset import PreparedData, TokenSplit
 
 _ROUNDS = 4
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's multipliers
+_M1_INT, _M2_INT = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's multipliers
+_M1, _M2 = np.uint64(_M1_INT), np.uint64(_M2_INT)
 _MASK64 = (1 << 64) - 1
 # Up to this many indices, :func:`permute` walks each one on Python ints: on arrays this small (a
 # step's batch) numpy's cost per call, about 40 calls a round, is most of the work (12 indices:
@@ -90,8 +91,8 @@ def _walk_int(x: int, keys: list[int], half: int, n: int) -> int:
         left, right = x >> half, x & mask
         for key in keys:
             z = right ^ key
-            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+            z = ((z ^ (z >> 30)) * _M1_INT) & _MASK64
+            z = ((z ^ (z >> 27)) * _M2_INT) & _MASK64
             left, right = right, left ^ ((z ^ (z >> 31)) & mask)
         x = (left << half) | right
         if x < n:

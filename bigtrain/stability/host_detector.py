@@ -21,7 +21,7 @@ import torch
 from bigtrain.stability.detector import AFTER_SPIKE, FLOOR_OF_LAST, KINDS, MAD_TO_SIGMA, NONFINITE, OK, SPIKE
 
 
-def trend_next(y: list[float]) -> float:
+def _trend_next(y: list[float]) -> float:
     """Tukey's resistant line through ``y`` (equally spaced), extrapolated one step: the slope
     joins the medians of the first and last thirds, the intercept is the median residual;
     fewer than 3 points give their median. (The device rule's ``trend_and_spread``.)"""
@@ -34,7 +34,8 @@ def trend_next(y: list[float]) -> float:
 
 
 class HostSpikeDetector:
-    """:class:`~bigtrain.stability.detector.SpikeDetector`'s rule and interface, on the host."""
+    """:class:`~bigtrain.stability.detector.SpikeDetector`'s rule, on the host: what the guard
+    calls (``from_config``, ``verdict``, ``state_dict``, ``load_state_dict``)."""
 
     def __init__(self, window: int = 128, warmup: int = 10, threshold: float = 6.0,
                  trend: int = 8, min_spread: float = 0.01, device: torch.device | str = "cpu"):
@@ -53,18 +54,13 @@ class HostSpikeDetector:
         return (torch.tensor(KINDS.index(kind), device=self.device),
                 torch.tensor(details, dtype=torch.float64, device=self.device))
 
-    def judge(self, loss: float, grad_norm: float, nonfinite: bool = False) -> tuple[str, dict]:
-        kind, details = self._judge(float(loss), float(grad_norm), bool(nonfinite))
-        return kind, ({k: round(v, 6) for k, v in zip(("loss_z", "expected", "spread"), details)}
-                      if kind == SPIKE else {})
-
     def _judge(self, loss: float, grad_norm: float, nonfinite: bool) -> tuple[str, list[float]]:
         """The verdict and (loss_z, expected, spread), meaningful for a spike; a normal step
         joins the history."""
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return NONFINITE, [0.0, 0.0, 0.0]
         losses, errors = list(self.losses), list(self.errors)
-        expected = max(trend_next(losses), min(losses[-FLOOR_OF_LAST:])) if losses else loss
+        expected = max(_trend_next(losses), min(losses[-FLOOR_OF_LAST:])) if losses else loss
         if self.seen >= self.warmup and len(errors) >= 2:
             bias = median(errors)
             spread = MAD_TO_SIGMA * median([abs(e - bias) for e in errors])
