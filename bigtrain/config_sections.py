@@ -275,6 +275,10 @@ class ParallelConfig(Section):
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (backend fsdp): attention heads, MLP and vocabulary "
                                          "split over tp ranks, FSDP over the world / tp data-parallel ranks")
+    vocab_table: Literal["auto", "gather", "sharded"] = Field(
+        "auto", description="backend fsdp, tp 1: gather (FSDP gathers the token table around its use) | sharded "
+                            "(the lookup and the head computed on the table's shards, bigtrain/parallel/vocab_parallel.py) "
+                            "| auto: sharded where its exchange holds less than the table (small micro-batches)")
     loss_parallel: bool = Field(False, description="with tp > 1: the cross-entropy on vocabulary-sharded logits "
                                                    "(the full logits are never gathered); needs tp to divide the vocabulary")
 

@@ -90,7 +90,8 @@ class Health:
         self.grad_sq: torch.Tensor | None = None
         self.handles = [block.register_forward_hook(self._activation_hook(f"blocks.{i}"))
                         for i, block in enumerate(model.blocks)]
-        self.handles.append(model.lm_head.register_forward_hook(self._activation_hook("logits")))
+        # the model's output: the head's module is not called when the table is used on its shards
+        self.handles.append(model.register_forward_hook(self._activation_hook("logits")))
         if self.backend.has_local_grads:  # else (DeepSpeed) the step has no per-parameter gradient metrics
             self.handles.append(self.backend.optimizer.register_step_pre_hook(self._grad_hook))
         self.active = True

@@ -9,8 +9,9 @@ fingerprint of its moments, and the final full parameters.
 
     torchrun --nproc-per-node 2 tests/dist_worker.py OUT DATA SPEC [SPEC ...] [--skip N] [--fail-rank R]
 
-SPEC is ``none``, ``fsdp``, ``fsdp+ac`` (with activation checkpointing) or
-``deepspeed<stage>`` / ``deepspeed<stage>+ac``. ``--skip N`` makes step N a
+SPEC is ``none``, ``fsdp`` or ``deepspeed<stage>``, each with any of ``+ac`` (activation
+checkpointing), ``+sharded`` / ``+gather`` (``parallel.vocab_table``) and ``+untied`` (an
+untied head). ``--skip N`` makes step N a
 skipped step the way the stability guard skips (``Backend.discard`` in place of
 ``Backend.update``). ``--fail-rank R`` raises on rank R after the group is up.
 """
@@ -37,8 +38,12 @@ RAMPUP = {"start": 4, "increment": 4, "samples": 24}
 
 
 def spec_overrides(spec: str) -> dict:
-    name, _, extra = spec.partition("+")
-    out = {"parallel__activation_checkpointing": extra == "ac"}
+    name, *extras = spec.split("+")
+    out = {"parallel__activation_checkpointing": "ac" in extras}
+    for table in {"sharded", "gather"} & set(extras):  # parallel.vocab_table
+        out["parallel__vocab_table"] = table
+    if "untied" in extras:
+        out["model__tie_embeddings"] = False
     if name.startswith("deepspeed"):
         out |= {"parallel__backend": "deepspeed", "parallel__zero_stage": int(name[len("deepspeed"):])}
     else:

@@ -221,6 +221,9 @@ def test_an_intended_data_change_resumes_with_the_override(local_run, prose_byte
 
 # ---------------------------------------------------------------- two processes (backend: fsdp)
 
+SHARDED = "parallel.vocab_table=sharded"
+
+
 def train_args(data: str, run: Path, *extra: str, backend: str = "fsdp") -> list[str]:
     return ["train", SMOKE, *tiny_overrides(data, run, schedule__max_steps=STEPS, parallel__backend=backend), *extra]
 
@@ -233,9 +236,11 @@ def launch(nproc: int, data: str, run: Path, *extra: str, restarts: int = 0, bac
 
 @pytest.fixture(scope="module")
 def fsdp_run(prose_bytes, tmp_path_factory) -> Path:
-    """The uninterrupted reference on 2 ranks, async saves at steps 4 and 8."""
+    """The uninterrupted reference on 2 ranks, async saves at steps 4 and 8. The token table is
+    used on its shards (``parallel.vocab_table=sharded``: the tied head registered as both
+    modules); the one-rank runs below gather it, so checkpoints cross both layouts."""
     run = tmp_path_factory.mktemp("fsdp") / "clean"
-    proc = launch(2, prose_bytes, run, "checkpoint.every=4", "checkpoint.async=true")
+    proc = launch(2, prose_bytes, run, "checkpoint.every=4", "checkpoint.async=true", SHARDED)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -243,7 +248,7 @@ def fsdp_run(prose_bytes, tmp_path_factory) -> Path:
 @pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
 def test_kill9_and_crash_mid_save_recover_to_the_uninterrupted_run(fsdp_run, prose_bytes, tmp_path):
     run = tmp_path / "crashy"
-    faults = ["checkpoint.every=4", "faults.rank=1", "faults.crash_in_checkpoint_at=8"]
+    faults = ["checkpoint.every=4", "faults.rank=1", "faults.crash_in_checkpoint_at=8", SHARDED]
     # rank 1 dies while step 8 is being written: step 4 is committed, step 8 only a .tmp
     proc = launch(2, prose_bytes, run, *faults)
     assert proc.returncode != 0
@@ -269,7 +274,7 @@ def test_resume_at_another_world_size_reads_the_same_batches(fsdp_run, prose_byt
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 1 -> 2: that 1-rank checkpoint of step 6 on two ranks
     two = tmp_path / "two"
-    proc = launch(2, prose_bytes, two, f"checkpoint.resume={one}/checkpoints/step-00000006")
+    proc = launch(2, prose_bytes, two, f"checkpoint.resume={one}/checkpoints/step-00000006", SHARDED)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     reference = last_losses(fsdp_run)

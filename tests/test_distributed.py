@@ -5,6 +5,8 @@ One torchrun launch trains the tiny model with every distributed backend in turn
 DeepSpeed on a process group of one). Step 6 is skipped in every run the way
 the stability guard skips, so the runs also prove that a skip leaves
 parameters, Adam moments and Adam's step count untouched on every backend.
+FSDP runs both ways of using the token table (``parallel.vocab_table``: gathered, or the
+lookup and head on its shards), the latter with a tied and an untied head.
 """
 from __future__ import annotations
 
@@ -26,9 +28,15 @@ from helpers import REPO, bigtrain, free_port, rank_env, read_jsonl, tiny_overri
 WORKER = str(Path(__file__).resolve().parent / "dist_worker.py")
 SKIP = 6
 ONE = ["fsdp", "deepspeed2"]                                      # on a process group of one
-TWO = ["fsdp+ac", "deepspeed1", "deepspeed2", "deepspeed3+ac"]   # +ac: activation checkpointing
+# +ac: activation checkpointing; +sharded/+gather: parallel.vocab_table; +untied: an untied head
+TWO = ["fsdp+ac+sharded", "fsdp+gather", "fsdp+untied+sharded", "deepspeed1", "deepspeed2", "deepspeed3+ac"]
 RUNS = [f"world1/{spec}" for spec in ONE] + [f"world2/{spec}" for spec in TWO]
 REFERENCE = "world1/none"
+
+
+def reference(run: str) -> str:
+    """The one-process run of the same model."""
+    return REFERENCE + ("+untied" if "untied" in run else "")
 TOLERANCE = {"fsdp": 1e-4, "deepspeed": 1e-3}
 
 
@@ -45,7 +53,7 @@ def torchrun_worker(out: Path, data: str, specs: list[str], *extra: str, timeout
 @pytest.fixture(scope="module")
 def runs(prose_bytes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    one = subprocess.run([sys.executable, WORKER, str(out / "world1"), prose_bytes, "none", *ONE,
+    one = subprocess.run([sys.executable, WORKER, str(out / "world1"), prose_bytes, "none", "none+untied", *ONE,
                           "--skip", str(SKIP)], cwd=REPO, env=ds_env(2), capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -71,7 +79,7 @@ def test_logged_losses_and_grad_norms_match_one_process(runs, run):
     """metrics.jsonl: the loss (token mean over the global batch) and the pre-clip global
     grad norm do not depend on the backend or the world size, step for step."""
     for key in ("loss", "grad_norm"):
-        ref, got = logged(runs, REFERENCE, key), logged(runs, run, key)
+        ref, got = logged(runs, reference(run), key), logged(runs, run, key)
         assert len(got) == len(ref) == 10
         assert got == pytest.approx(ref, rel=tolerance(run)), key
 
@@ -87,7 +95,7 @@ def test_every_rank_sees_the_same_global_numbers(runs, run):
 @pytest.mark.parametrize("run", [f"world2/{spec}" for spec in TWO])
 def test_ranks_read_exactly_the_global_batch(runs, run):
     """The rows the two ranks read, together, are the one-process global batch (as a multiset)."""
-    (ref,) = ranks(runs, REFERENCE)
+    (ref,) = ranks(runs, reference(run))
     r0, r1 = ranks(runs, run)
     for step, (a, b, whole) in enumerate(zip(r0["steps"], r1["steps"], ref["steps"]), 1):
         assert len(a["rows"]) == len(b["rows"]) == len(whole["rows"]) // 2
@@ -97,7 +105,7 @@ def test_ranks_read_exactly_the_global_batch(runs, run):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_final_parameters_identical_on_ranks_and_equal_to_one_process(runs, run):
-    (ref,) = ranks(runs, REFERENCE)
+    (ref,) = ranks(runs, reference(run))
     records = ranks(runs, run)
     assert all(r["final"] == records[0]["final"] for r in records)  # bit-identical across ranks
     rel = tolerance(run)

@@ -172,6 +172,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # the lookup and the head on the table's FSDP shards (bigtrain/parallel/vocab_parallel.py),
+        # set by the FSDP backend; None: the tok_emb and lm_head modules
+        self.vocab_parallel = None
         if cfg.pos == "rope":
             # Derived from the config, so kept out of checkpoints (persistent=False).
             cos, sin = rope_cos_sin(cfg, self.tok_emb.weight.device)
@@ -217,6 +220,14 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight
 
+    def share_tied_table(self) -> None:
+        """Register a tied model's head under ``tok_emb`` too, so the shared table is one module's
+        parameter, which FSDP can shard as a group of its own (while a parameter of two modules
+        must sit in their common ancestor's group: the root). Only with :attr:`vocab_parallel`
+        set, which uses the table without calling either module. Names and state-dict keys stay."""
+        if self.cfg.tie_embeddings:
+            self.tok_emb = self.lm_head
+
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the buffers that are not parameters (the RoPE tables): derived from the
@@ -230,8 +241,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
-        self.tok_emb.sparse = self.sparse_lookup_grad(idx)  # read by the module's forward (its hooks: TP's)
-        x = self.tok_emb(idx)
+        if self.vocab_parallel is not None:
+            x = self.vocab_parallel.lookup(idx, self.tok_emb.weight)
+        else:
+            self.tok_emb.sparse = self.sparse_lookup_grad(idx)  # read by the module's forward (its hooks: TP's)
+            x = self.tok_emb(idx)
         docs = None
         if self.cfg.doc_mask:  # the documents in each row; x's dtype helps choose the attention kernel
             docs = find_documents(idx, self.cfg.eot_id, x.dtype, self.cfg.dropout if self.training else 0.0)
@@ -246,6 +260,8 @@ class GPT(nn.Module):
             rope = (self.rope_cos[at], self.rope_sin[at])
         for block in self.blocks:
             x = block(x, rope, docs)
+        if self.vocab_parallel is not None:
+            return self.vocab_parallel.head(self.norm_f(x), self.lm_head.weight)
         return self.lm_head(self.norm_f(x))
 
     def sparse_lookup_grad(self, idx: torch.Tensor) -> bool:

@@ -57,7 +57,7 @@ on the whole tp group.
 Refused by :func:`check_tp` before any process group starts: tp > 1 with another backend
 than fsdp (DeepSpeed stays data parallel), a tp that does not divide the head counts, the
 MLP width, the sequence (sequence parallelism), the world or (loss parallel) the
-vocabulary.
+vocabulary; and ``parallel.vocab_table: sharded`` outside FSDP at tp 1.
 """
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def check_tp(cfg, world: int) -> None:
     """Refuse, with one line, a layout the tp plan cannot split (before any process group starts)."""
     p, m = cfg.parallel, cfg.model
     tp = p.tp
+    if p.vocab_table == "sharded" and (p.backend != "fsdp" or tp > 1):
+        raise ConfigError(f"config error: parallel.vocab_table=sharded needs parallel.backend=fsdp and parallel.tp=1 "
+                          f"(got backend {p.backend}, tp {tp})")
     if p.loss_parallel and tp == 1:
         raise ConfigError("config error: parallel.loss_parallel needs parallel.tp > 1")
     if tp == 1:
