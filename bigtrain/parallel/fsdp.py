@@ -1,14 +1,14 @@
 """``parallel.backend: fsdp``: FSDP2 (``fully_shard``) on every block and at the root.
 
 Why this layout: sharding each transformer block separately lets FSDP gather
-one block's parameters at a time (peak memory = one block unsharded). The
-vocabulary tables are groups of their own too (torchtitan's layout): a tied
-model's table becomes one module serving the lookup and the head
-(:class:`bigtrain.model.gpt.TiedTable`), gathered around each of the two calls
-and its gradient reduce-scattered right after the head's backward, instead of
-held whole in the root group, with its whole gradient, through the backward
-(gpt2-350m on 4 ranks: 2 x 0.19 GiB of a rank's peak). The root covers the
-rest (positions, final norm). Mixed precision keeps fp32 master weights and optimizer
+one block's parameters at a time (peak memory = one block unsharded). The root
+covers the rest: the token table and head (tied, so one group), positions and
+final norm. Unless the table is used on its shards (``parallel.vocab_table``,
+:mod:`bigtrain.parallel.vocab_parallel`): then the lookup and the head are
+computed without gathering it, and each table is a group of its own that FSDP
+never gathers (a tied head is registered as both modules, so its one parameter
+belongs to one module, :meth:`bigtrain.model.gpt.GPT.share_tied_table`), and
+out of the root, which would gather it. Mixed precision keeps fp32 master weights and optimizer
 state, computes in bf16, and reduces gradients in fp32 so the sum over many
 ranks does not lose bits.
 
