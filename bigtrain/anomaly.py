@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from bigtrain.ledger import Ledger
 from bigtrain.parallel.backend import Backend
 from bigtrain.parallel.env import DistEnv, rng_state, set_rng_state
+from bigtrain.parallel.vocab_parallel import EXCHANGE_OPS
 
 
 def _nonfinite(*values) -> bool:
@@ -133,11 +134,16 @@ class AnomalyTracer:
         return found
 
     def _gather(self, local: dict) -> dict:
-        """The first rank's finding that names a place, or rank 0's; with every rank's bad parameters."""
+        """The first rank's finding that names a module (forward comes first), else an op, else
+        rank 0's; with every rank's bad parameters. An op that exchanges values between ranks
+        (the token table on its shards, bigtrain/parallel/vocab_parallel.py) spreads one rank's
+        non-finite gradient to the others, so another rank's own op is named before it."""
         if not self.env.distributed:
             return local
         everyone = [None] * self.env.world
         dist.all_gather_object(everyone, {**local, "rank": self.env.rank})
         params = sorted({p for f in everyone for p in f["params"]})
-        named = [f for f in everyone if f.get("module") or f.get("op")]
+        named = ([f for f in everyone if f.get("module")]
+                 or [f for f in everyone if f.get("op") and f["op"] not in EXCHANGE_OPS]
+                 or [f for f in everyone if f.get("op")])
         return {**(named[0] if named else everyone[0]), "params": params}

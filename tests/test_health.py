@@ -98,7 +98,8 @@ def test_anomaly_trace_names_the_module_and_the_backward_op(prose_bytes, tmp_pat
 @pytest.mark.slow  # real processes (torchrun); `pytest -m 'not slow'` leaves it out
 def test_fsdp_detail_metrics_and_trace_match_one_process(prose_bytes, tmp_path):
     """2 ranks of FSDP2 (sharded DTensors): the same detail numbers as one process, and a NaN
-    that only rank 1 sees is traced to its module and reported once."""
+    that only rank 1 sees is traced to its module and reported once (the token table used on
+    its shards, whose backward spreads rank 1's NaN to rank 0's shard: not named)."""
     import subprocess
     common = dict(logging__detail_every=3, schedule__max_steps=6, batch__micro_size=2,
                   stability__trace_anomalies=True)
@@ -106,7 +107,8 @@ def test_fsdp_detail_metrics_and_trace_match_one_process(prose_bytes, tmp_path):
     env = {**rank_env(1), "PYTHONPATH": str(REPO / "tests")}
     fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *worker, "1",
-                           *tiny_overrides(prose_bytes, tmp_path / "fsdp", parallel__backend="fsdp", **common)],
+                           *tiny_overrides(prose_bytes, tmp_path / "fsdp", parallel__backend="fsdp",
+                                                         parallel__vocab_table="sharded", **common)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     one = subprocess.run([sys.executable, *worker, "0", *tiny_overrides(prose_bytes, tmp_path / "one", **common)],

@@ -36,6 +36,10 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 
+# the backward nodes that mix ranks' values (a NaN in one rank's tokens reaches every shard)
+EXCHANGE_OPS = ("_LookupBackward", "_HeadBackward")
+
+
 def pays(world: int, tokens: int, vocab: int, d_model: int) -> bool:
     """Whether the exchange (two copies of ``tokens x vocab`` logits, ``world x tokens x d``
     hidden states) holds less than gathering the table does (table, gradient, reduce copy)."""
