@@ -1,6 +1,7 @@
 """Peak host memory per rank of a one-step run, and init time, for 1, 2, 4 ... ranks.
 
     python bench/init.py [--preset gpt2-350m] [--runs none:1 fsdp:2 fsdp:4] [--whole] [--no-step]
+                         [--set KEY=VALUE ...]
 
 Each ``LAYOUT:WORLD`` run launches WORLD ranks (torchrun, gloo, fp32) that build the model
 as the trainer does (on ``meta``, then ``build_backend``: each rank materialises only its
@@ -14,6 +15,7 @@ trainer's recipe, ``bench/ranks.py``). Per rank it reports, in GiB:
 - ``step_peak``: the high-water mark during the step alone (the counter is reset after
   building, ``/proc/self/clear_refs``), and ``run_peak``, the larger of the two: the
   peak of the whole one-step run;
+- ``step_s``: the step's wall seconds (forward, backward, clip and AdamW over the rank's rows);
 - ``init_s``: seconds from constructing the model to the backend being ready (the draw of
   the initial weights dominates), and ``init_cpu_s``, the CPU seconds the rank spent on it
   (on a shared machine the wall time counts the other processes too).
@@ -26,7 +28,8 @@ rows, but steps the generator past the rows before them, so later ranks take lon
 Figures are the maximum over ranks. ``run_peak_vs_one_process`` divides a run's
 ``run_peak`` by that of the first one-rank run in ``--runs`` (same script, same step, same
 global batch). ``--whole`` adds the same runs with the model built whole on every rank
-first (bigtrain before sharded init), for comparison.
+first (bigtrain before sharded init), for comparison. ``--set`` passes config overrides to
+every run (e.g. ``parallel.vocab_table=gather``: the token table gathered by FSDP).
 
 The ranks run with ``MALLOC_MMAP_THRESHOLD_=1048576`` unless the variable is set: glibc's
 adaptive threshold otherwise serves the many per-parameter temporaries of a sharded build
@@ -118,7 +121,9 @@ def worker(out: str, mode: str, step: bool, overrides: list[str]) -> None:
     if step:
         batch = random_batch(cfg, env)
         reset_peak()
+        start = time.perf_counter()
         train_step(backend, batch, cfg)
+        record["step_s"] = time.perf_counter() - start
         record["step_peak"] = status_gib("VmHWM")
         record["run_peak"] = max(record["build_peak"], record["step_peak"])
     write_record(out, env, record)
@@ -131,19 +136,20 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=["none:1", "fsdp:2", "fsdp:4"], help="LAYOUT:WORLD")
     p.add_argument("--whole", action="store_true", help="also build the model whole on every rank first")
     p.add_argument("--no-step", action="store_true")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["whole", "meta"], help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     model = [f"model.preset={args.preset}", f"model.seq_len={args.seq_len}", "batch.global_size=4",
-             "batch.micro_size=1"]
+             "batch.micro_size=1", *args.set]
     if args.worker:
         return worker(args.worker, args.mode, not args.no_step, model + args.extra)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # inherited by the ranks (run_ranks)
     cfg = load_config(overrides=model)
     with torch.device("meta"):
         shapes = GPT(cfg.model)
-    result = {"preset": args.preset, "seq_len": args.seq_len, "global_batch": 4, "precision": "fp32",
+    result = {"preset": args.preset, "seq_len": args.seq_len, "global_batch": 4, "precision": "fp32", "set": args.set,
               "MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"],
               "params_M": round(shapes.num_params() / 1e6, 1),
               "largest_param_M": round(max(p.numel() for p in shapes.parameters()) / 1e6, 1),
@@ -155,7 +161,7 @@ def main() -> None:
             layout, world = run.split(":")
             os.environ["BENCH_LAYOUT"] = layout
             records = run_ranks(__file__, int(world), ["--mode", mode, "--preset", args.preset, "--seq-len",
-                                str(args.seq_len), *(["--no-step"] if args.no_step else []), *LAYOUTS[layout]],
+                                str(args.seq_len), *(["--no-step"] if args.no_step else []), *LAYOUTS[layout], *args.set],
                                 threads=max(1, 2 // int(world)))
             row = {key: round(max(r[key] for r in records), 1 if key.endswith("_s") else 3)
                    for key in records[0] if key != "rank"}
