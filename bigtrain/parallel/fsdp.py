@@ -5,12 +5,13 @@ one block's parameters at a time (peak memory = one block unsharded). The root
 covers the rest: the token table and head (tied, so one group), positions and
 final norm. Unless the table is used on its shards (``parallel.vocab_table``,
 :mod:`bigtrain.parallel.vocab_parallel`): then the lookup and the head are
-computed without gathering it, and each table is a group of its own that FSDP
-never gathers (a tied head is registered as both modules, so its one parameter
-belongs to one module, :meth:`bigtrain.model.gpt.GPT.share_tied_table`), and
-out of the root, which would gather it. Mixed precision keeps fp32 master weights and optimizer
-state, computes in bf16, and reduces gradients in fp32 so the sum over many
-ranks does not lose bits.
+computed without gathering it, and each table is a group of its own, out of the
+root (which would gather it) and never called, so never gathered. A tied head is
+then registered as both modules, so its one parameter belongs to one module
+(:meth:`bigtrain.model.gpt.GPT.share_tied_table`).
+
+Mixed precision keeps fp32 master weights and optimizer state, computes in bf16,
+and reduces gradients in fp32 so the sum over many ranks does not lose bits.
 
 Resharding after forward frees each block's gathered weights until backward
 needs them again; the last block is the first one backward needs, so it stays
