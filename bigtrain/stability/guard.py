@@ -53,7 +53,6 @@ from bigtrain.ledger import Ledger
 from bigtrain.parallel.env import DistEnv
 from bigtrain.stability.detector import KINDS, NONFINITE, OK, SPIKE, SpikeDetector, spike_details
 from bigtrain.stability.host_detector import HostSpikeDetector
-from bigtrain.stability.host_detector import HostSpikeDetector
 
 GO_ON, ROLLBACK, ABORT = "go on", "roll back", "abort"
 
