@@ -116,8 +116,8 @@ class Backend:
         if self._norm is None:
             raise RuntimeError("Backend.update() needs the gradients of a measure() first")
         with phase("optimizer"):
-            factor = self._clip(self._norm, max_norm)
-            self._step(lr, apply)
+            factor = self._clip_factor(self._norm, max_norm)
+            self._step(lr, apply, factor if max_norm > 0 else None)
             self.discard()  # the gradients are spent
         return factor
 
@@ -198,27 +198,32 @@ class Backend:
         norms = torch._foreach_norm(grads, 2.0)
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
-    def _clip(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-        """Scale gradients so their global norm is at most ``max_norm``, on the device (as
-        ``clip_grad_norm_`` does: a multiply by 1 changes nothing); returns the factor. A
-        non-finite norm gives a non-finite factor: that step is never applied anyway."""
+    def _clip_factor(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """What clipping to ``max_norm`` multiplies the gradients by, as ``clip_grad_norm_``
+        computes it (1: not clipped; 0 = ``max_norm``: off), on the device. A non-finite norm
+        gives a non-finite factor: that step is never applied anyway."""
         if max_norm <= 0:
             return torch.ones((), device=norm.device)
-        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(self.grads(), factor)
-        return factor
+        return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None) -> None:
+    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None, clip: torch.Tensor | None) -> None:
+        """The optimizer's step at ``lr``, skipped on the device where ``apply`` is False, with
+        the gradients clipped by the factor ``clip`` (None: not clipped) inside fused AdamW's
+        kernel: its ``grad_scale`` divides each gradient as the kernel reads it, so dividing by
+        1 / factor is the same update as multiplying every gradient first (to rounding; exact
+        when not clipped), without that extra pass over every gradient (``clip_grad_norm_``'s
+        multiply: 62 ms a step at 124M parameters on this CPU, 15 ms at 25M)."""
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         set_lr(self.optimizer, lr)
         self.optimizer.found_inf = None if apply is None else (~apply).float()
+        self.optimizer.grad_scale = None if clip is None else clip.reciprocal()
         try:
             self.optimizer.step()
         finally:  # the state dict keeps plain floats (a tensor there would change the checkpoint format)
             for group, value in zip(groups, saved):
                 group["lr"] = value
-            self.optimizer.found_inf = None
+            self.optimizer.found_inf = self.optimizer.grad_scale = None
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

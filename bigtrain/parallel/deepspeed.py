@@ -150,7 +150,7 @@ class DeepSpeedBackend(Backend):
             return torch.full((), math.nan, device=self.env.device)
         return norm.reshape(()).to(self.env.device)
 
-    def _clip(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    def _clip_factor(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         """DeepSpeed clips inside its step, with this same norm and ``optim.grad_clip``: only
         the factor is computed here, for the metrics."""
         if max_norm != self.engine.gradient_clipping():
@@ -160,9 +160,10 @@ class DeepSpeedBackend(Backend):
             return torch.ones((), device=norm.device)
         return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None) -> None:
+    def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None, clip: torch.Tensor | None) -> None:
         """DeepSpeed's step is decided on the host: its engine reads its own overflow and norm
-        values there anyway, so the device-side skip would save nothing."""
+        values there anyway, so the device-side skip would save nothing. It clips by itself
+        (``clip`` is its own factor, :meth:`_clip_factor`)."""
         if apply is not None and not bool(apply):
             self._zero_grad()  # its buffers released, nothing updated
             return
