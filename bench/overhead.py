@@ -1,7 +1,7 @@
 """bigtrain's fixed per-step cost: its training loop against a bare nanoGPT-style loop.
 
     python bench/overhead.py [--sizes tiny,25M,124M] [--repeats 3] [--timed-steps N]
-                             [--recipe-steps 2000] [--recipe-repeats 2] [--compile]
+                             [--recipe-steps 2000] [--recipe-repeats 2]
 
 Prints one JSON object. Three sizes (fp32 for the char model as nanoGPT runs it on a CPU,
 bf16 autocast for the others):
@@ -28,9 +28,7 @@ before the loop asked for it.
 20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
 ``python -m bigtrain train`` against this file's ``--bare-recipe`` mode (the same work in a
 bare loop, ``torch.save`` at the end), alternating which goes first, with the children's CPU
-time next to the wall time. ``--compile`` adds the ``tiny`` and ``25M`` loops with
-``parallel.compile=true`` (and the bare loop with the same per-block ``torch.compile``), with the
-first step's time (the compile) reported apart.
+time next to the wall time. What ``torch.compile`` buys is measured by ``bench/compile.py``.
 
 The machine may be shared: wall timings are noisy; see ``load_before``/``load_after`` (and
 prefer the CPU figures while the load average is above the number of cores).
@@ -89,9 +87,9 @@ def data_dir(tokenizer: str, tmp: Path) -> str:
     return str(out)
 
 
-def size_config(name: str, tmp: Path, steps: int, extra: list[str] = ()):
+def size_config(name: str, tmp: Path, steps: int):
     overrides, tokenizer, vocab, _, _ = SIZES[name]
-    cfg = load_config(overrides=QUIET + overrides + list(extra) + [
+    cfg = load_config(overrides=QUIET + overrides + [
         f"data.path={data_dir(tokenizer, tmp)}", f"run_dir={tmp / 'runs' / name}", f"schedule.max_steps={steps}"])
     data, train, val = open_splits(cfg)
     if vocab is not None:  # byte tokens under GPT-2's vocabulary: the model's size is what is measured
@@ -229,12 +227,12 @@ class PhaseClock:
 CLOCK = PhaseClock()
 
 
-def measure_size(name: str, tmp: Path, repeats: int, extra: list[str] = (), timed: int | None = None) -> dict:
+def measure_size(name: str, tmp: Path, repeats: int, timed: int | None = None) -> dict:
     """Both loops ``repeats`` times, alternating (A B A B ...): medians of wall and CPU time per
     step and of each phase's CPU time per step."""
     _, _, _, warm, steps = SIZES[name]
     steps = timed or steps
-    cfg, splits = size_config(name, tmp, warm + steps, extra)
+    cfg, splits = size_config(name, tmp, warm + steps)
     runs = {"bare": lambda: bare_loop(cfg, splits[1], warm + steps, warm=warm),
             "bigtrain": lambda: bigtrain_loop(cfg, splits, stats, warm=warm)}
     (wall, cpu, first, phases), stats = ({k: [] for k in runs} for _ in range(4)), {}
@@ -316,7 +314,6 @@ def main() -> None:
     ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per loop (default: per size)")
     ap.add_argument("--recipe-steps", type=int, default=2000, help="0: skip the whole-recipe comparison")
     ap.add_argument("--recipe-repeats", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="also time parallel.compile=true (tiny, 25M)")
     ap.add_argument("--bare-recipe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_recipe is not None:
@@ -325,9 +322,6 @@ def main() -> None:
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
     for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
         out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
-        if args.compile and name != "124M":
-            out["sizes"][f"{name}+compile"] = measure_size(name, tmp, args.repeats, ["parallel.compile=true"],
-                                                           args.timed_steps)
     if args.recipe_steps:
         out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
     out["load_after"] = os.getloadavg()[0]
