@@ -258,6 +258,13 @@ class EMAConfig(Section):
                                             "constant in steps)")
 
 
+# Where ``auto`` compiles on the CPU. bench/compile.py on this 2-core CPU: compiled blocks take
+# 0.95x the eager step at 25M parameters and 0.97x at 124M for 17-18 s of compile (repaid after
+# ~290 and ~470 steps), 0.93x at 0.8M for 29 s (after ~6700 steps); smoke runs, tests and
+# short checks would only wait for it.
+CPU_COMPILE_MIN_PARAMS, CPU_COMPILE_MIN_STEPS = 10_000_000, 1000
+
+
 class ParallelConfig(Section):
     backend: Literal["none", "fsdp", "deepspeed"] = Field("none", description="none (one replica per process) | fsdp (FSDP2) | deepspeed (ZeRO)")
     zero_stage: int = Field(2, ge=1, le=3, description="DeepSpeed ZeRO: 1 shards optimizer state, 2 also "
@@ -269,8 +276,9 @@ class ParallelConfig(Section):
                             "outputs, recompute the cheap ops); true/false mean full/none")
     checkpoint_every: int = Field(1, ge=1, description="apply activation checkpointing to every k-th block only")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile each block: auto (on CUDA; off on CPU, where bench/overhead.py measured "
-                            "no gain and 10-70 s of compile up front) | true | false")
+        "auto", description="torch.compile each block: auto (on CUDA; on CPU for runs of at least 1000 steps of a "
+                            "model of at least 10M non-embedding parameters, where bench/compile.py measured the "
+                            "17-29 s compile repaid within 500 steps) | true | false")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (backend fsdp): attention heads, MLP and vocabulary "
@@ -287,9 +295,14 @@ class ParallelConfig(Section):
     def _checkpointing_bool(cls, v: Any) -> Any:
         return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v  # the key was a bool
 
-    def compiles(self, device: str) -> bool:
-        """Whether blocks are compiled on ``device`` ("cpu" | "cuda"). ``auto``: on CUDA only."""
-        return device == "cuda" if self.compile == "auto" else self.compile
+    def compiles(self, device: str, steps: int, params: int) -> bool:
+        """Whether blocks are compiled on ``device`` ("cpu" | "cuda") for a run of ``steps`` steps
+        of a model with ``params`` non-embedding parameters. ``auto``: always on CUDA; on the CPU
+        where the compile repays itself (``CPU_COMPILE_MIN_PARAMS``, ``CPU_COMPILE_MIN_STEPS``).
+        Decided from the config alone, so a resumed run compiles as the run it continues did."""
+        if self.compile != "auto":
+            return self.compile
+        return device == "cuda" or (params >= CPU_COMPILE_MIN_PARAMS and steps >= CPU_COMPILE_MIN_STEPS)
 
 
 class CheckpointConfig(Section):

@@ -35,11 +35,12 @@ from bigtrain.phases import phase
 def prepare_blocks(model: GPT, cfg: Config, device: torch.device) -> None:
     """Activation checkpointing (bigtrain/parallel/recompute.py) and ``torch.compile``, per
     block and in place, so that parameter names (and therefore checkpoints and exports) are unchanged.
-    ``parallel.compile: auto`` compiles on CUDA only (``device``, where the model runs): on the CPU
-    bench/overhead.py measured no faster step at 0.8M, 25M or 124M parameters, for 10-70 s of
-    compiling up front."""
+    ``parallel.compile: auto`` compiles on CUDA, and on the CPU (``device``, where the model runs)
+    for long runs of models from 10M parameters on (:meth:`ParallelConfig.compiles`); the optimizer
+    step is never compiled: bench/compile.py measured torch.compile's AdamW 1.7-1.9x slower than
+    the fused one on this CPU, after 18-173 s of compiling."""
     checkpoint_blocks(model.blocks, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
-    if cfg.parallel.compiles(device.type):
+    if cfg.parallel.compiles(device.type, cfg.schedule.max_steps, model.num_params(non_embedding=True)):
         for block in model.blocks:
             block.compile()
 
