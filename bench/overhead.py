@@ -22,7 +22,9 @@ same cores disturbs far less than the wall time. ``phases_cpu_ms`` is the per-st
 from the same timed runs: the main thread's CPU time in each ``bigtrain/<phase>`` range of
 :mod:`bigtrain.phases` (which the bare loop labels too; :class:`PhaseClock`).
 ``prefetch_ready`` is the fraction of steps whose batch the loader's thread had finished
-before the loop asked for it.
+before the loop asked for it. ``interleaved``: the same comparison with the two loops' steps
+taken in turn in one process (``--repeats`` x the timed steps of pairs; :func:`measure_interleaved`),
+the figure to trust on a machine whose speed drifts between runs.
 
 ``recipe``: the whole small recipe (``tiny``, ``--recipe-steps`` steps, eval every 250 steps on
 20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
@@ -99,42 +101,54 @@ def size_config(name: str, tmp: Path, steps: int):
 
 
 # ---------------------------------------------------------------- the bare loop (nanoGPT's shape)
-def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None,
-              warm: int = 0) -> list[tuple]:
-    """nanoGPT's training loop around bigtrain's model and optimizer; returns each step's :func:`mark`
-    (the phase clock counts from step ``warm`` on)."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
-    prepare_blocks(model, cfg, torch.device("cpu"))   # per-block compile, when asked, exactly as bigtrain does it
-    opt = build_optimizer(model, cfg)
-    seq, rows, clip = cfg.model.seq_len, cfg.batch.global_size, cfg.optim.grad_clip
-    bf16 = cfg.parallel.precision == "bf16"
-    gen = torch.Generator().manual_seed(cfg.seed)
-    marks = []
-    for it in range(steps):
-        marks.append(mark(len(marks) == warm))
+class BareStep:
+    """nanoGPT's training step around bigtrain's model and optimizer: random windows read
+    synchronously, forward and backward, ``clip_grad_norm_``, AdamW; the loss read on logging steps."""
+
+    def __init__(self, cfg, split):
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg.model)
+        prepare_blocks(self.model, cfg, torch.device("cpu"))  # per-block compile where bigtrain's rule would
+        self.opt = build_optimizer(self.model, cfg)
+        self.cfg, self.split, self.it = cfg, split, 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def __call__(self, log_every: int = 10) -> None:
+        cfg, split, model, opt = self.cfg, self.split, self.model, self.opt
+        seq, rows = cfg.model.seq_len, cfg.batch.global_size
         for group in opt.param_groups:
-            group["lr"] = lr_at(it, rows, cfg)
+            group["lr"] = lr_at(self.it, rows, cfg)
         with phase("data"):
-            ix = torch.randint(split.tokens - seq - 1, (rows,), generator=gen).tolist()
+            ix = torch.randint(split.tokens - seq - 1, (rows,), generator=self.gen).tolist()
             x = torch.from_numpy(np.stack([split.read(i, seq + 1) for i in ix]))
         with phase("forward_backward"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.parallel.precision == "bf16"):
                 logits = model(x[:, :-1])
             ce, _ = lm_loss(logits, x[:, 1:])
             loss = ce / x[:, 1:].numel()
             loss.backward()
         with phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if (it + 1) % log_every == 0:
+        self.it += 1
+        if self.it % log_every == 0:
             with phase("log"):
-                print(f"iter {it + 1}: loss {loss.item():.4f}", flush=True)
+                print(f"iter {self.it}: loss {loss.item():.4f}", flush=True)
+
+
+def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None,
+              warm: int = 0) -> list[tuple]:
+    """nanoGPT's training loop (:class:`BareStep`, an eval every ``evals[0]`` steps); returns each
+    step's :func:`mark` (the phase clock counts from step ``warm`` on)."""
+    step, marks = BareStep(cfg, split), []
+    for it in range(steps):
+        marks.append(mark(len(marks) == warm))
+        step(log_every)
         if evals is not None and (it + 1) % evals[0] == 0:
-            evaluate(model, evals[1], cfg, evals[2])
+            evaluate(step.model, evals[1], cfg, evals[2])
     if save is not None:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, save)
+        torch.save({"model": step.model.state_dict(), "optimizer": step.opt.state_dict()}, save)
     return marks
 
 
@@ -151,8 +165,9 @@ def evaluate(model, split, cfg, batches: int) -> float:
 
 
 # ---------------------------------------------------------------- bigtrain's loop
-def bigtrain_loop(cfg, splits, stats: dict | None = None, warm: int = 0) -> list[tuple]:
-    """``Trainer.fit`` as it runs; returns each step's :func:`mark` (``stats`` gets prefetch counts)."""
+def bigtrain_loop(cfg, splits, stats: dict | None = None, warm: int = 0, before_step=None) -> list[tuple]:
+    """``Trainer.fit`` as it runs; returns each step's :func:`mark` (``stats`` gets prefetch counts;
+    ``before_step()``, if given, runs at each step's start, before its batch is asked for)."""
     from bigtrain.trainer import Trainer  # here: the bare recipe's process imports no more than it uses
     run_dir = Path(cfg.run_dir)
     cfg = cfg.model_copy(update={"run_dir": str(run_dir.parent / f"{run_dir.name}-{time.time_ns()}")})
@@ -160,6 +175,8 @@ def bigtrain_loop(cfg, splits, stats: dict | None = None, warm: int = 0) -> list
     marks, get = [], trainer.loader.get
 
     def timed_get(position, size, next_size=None):
+        if before_step is not None:
+            before_step()
         marks.append(mark(len(marks) == warm))
         if stats is not None:
             pending = trainer.loader.pending
@@ -263,6 +280,40 @@ def measure_size(name: str, tmp: Path, repeats: int, timed: int | None = None) -
     }
 
 
+def measure_interleaved(name: str, tmp: Path, steps: int) -> dict:
+    """The two loops' steps interleaved in one process: before each of bigtrain's steps
+    (``Trainer.fit`` as it runs) one bare step runs, so the two steps of a pair meet the same
+    machine. Why: this machine's speed drifts by more than the difference between whole runs
+    minutes apart (the same loop 44 -> 52 ms a step). The bare step runs before bigtrain's batch
+    is asked for, while bigtrain's loader thread is idle. Medians of each loop's step times after
+    the warm-up (wall; ``cpu``: the main thread's CPU time) and of the pairs' wall-time ratios."""
+    warm = SIZES[name][3]
+    cfg, splits = size_config(name, tmp, warm + steps)
+    bare, times, last = BareStep(cfg, splits[1]), {"bare": [], "bigtrain": []}, []
+
+    def clocks() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def before_step():  # bigtrain's previous step ended here; the bare one runs now
+        now = clocks()
+        if last:
+            times["bigtrain"].append([a - b for a, b in zip(now, last[-1])])
+        bare()
+        last.append(clocks())
+        times["bare"].append([a - b for a, b in zip(last[-1], now)])
+
+    bigtrain_loop(cfg, splits, before_step=before_step)
+    pairs = list(zip(times["bare"], times["bigtrain"]))[warm:]  # bigtrain's last step has no pair
+
+    def med(kind: int, clock: int) -> float:
+        return statistics.median(p[kind][clock] for p in pairs) * 1e3
+    return {"pairs": len(pairs), "bare_ms": round(med(0, 0), 2), "bigtrain_ms": round(med(1, 0), 2),
+            "bigtrain_vs_bare": round(med(1, 0) / med(0, 0), 4),
+            "cpu_ms": {"bare": round(med(0, 1), 2), "bigtrain": round(med(1, 1), 2)},
+            "cpu_bigtrain_vs_bare": round(med(1, 1) / med(0, 1), 4),
+            "pair_ratio_median": round(statistics.median(b[0] / a[0] for a, b in pairs), 4)}
+
+
 # ---------------------------------------------------------------- the whole small recipe
 def recipe_args(tmp: Path, steps: int, run_dir: Path) -> list[str]:
     """The recipe as a command line: a config file (the CLI wants one) and overrides."""
@@ -295,8 +346,11 @@ def recipe(tmp: Path, steps: int, repeats: int) -> dict:
             cpus[kind].append(children_cpu() - c0)
     b, o = statistics.median(walls["bare"]), statistics.median(walls["bigtrain"])
     cb, co = statistics.median(cpus["bare"]), statistics.median(cpus["bigtrain"])
+    pairs = [o_ / b_ for b_, o_ in zip(walls["bare"], walls["bigtrain"])]  # each repeat's two runs, back to back
     return {"steps": steps, "repeats": repeats, "bare_s": round(b, 2), "bigtrain_s": round(o, 2),
-            "bigtrain_vs_bare": round(o / b, 4), "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
+            "bigtrain_vs_bare": round(o / b, 4), "pair_ratios": [round(x, 4) for x in pairs],
+            "pair_ratio_median": round(statistics.median(pairs), 4),
+            "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
             "cpu_s": {"bare": round(cb, 2), "bigtrain": round(co, 2)}, "cpu_bigtrain_vs_bare": round(co / cb, 4),
             "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in cpus.items()}}
 
@@ -322,6 +376,8 @@ def main() -> None:
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
     for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
         out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
+        steps = (args.timed_steps or SIZES[name][4]) * args.repeats
+        out["sizes"][name]["interleaved"] = measure_interleaved(name, tmp, steps)
     if args.recipe_steps:
         out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
     out["load_after"] = os.getloadavg()[0]
