@@ -201,7 +201,7 @@ class Backend:
 
     def _clip_factor(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         """What clipping to ``max_norm`` multiplies the gradients by, as ``clip_grad_norm_``
-        computes it (1: not clipped; 0 = ``max_norm``: off), on the device. A non-finite norm
+        computes it (1: not clipped, and always where ``max_norm`` is 0), on the device. A non-finite norm
         gives a non-finite factor: that step is never applied anyway."""
         if max_norm <= 0:
             return torch.ones((), device=norm.device)

@@ -156,9 +156,7 @@ class DeepSpeedBackend(Backend):
         if max_norm != self.engine.gradient_clipping():
             raise ValueError(f"deepspeed clips at optim.grad_clip={self.engine.gradient_clipping()} "
                              f"inside its step, not at {max_norm}")
-        if max_norm <= 0:
-            return torch.ones((), device=norm.device)
-        return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return super()._clip_factor(norm, max_norm)
 
     def _step(self, lr: float | torch.Tensor, apply: torch.Tensor | None, clip: torch.Tensor | None) -> None:
         """DeepSpeed's step is decided on the host: its engine reads its own overflow and norm
