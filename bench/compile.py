@@ -1,6 +1,6 @@
 """What ``torch.compile`` buys on this machine: per-block model compile and a compiled optimizer step.
 
-    python bench/compile.py [--sizes tiny,25M,124M] [--rounds 6] [--steps 20] [--device cpu]
+    python bench/compile.py [--sizes tiny,25M,124M] [--rounds 6] [--steps tiny=20,25M=3,124M=2] [--device cpu]
 
 Prints one JSON object. The sizes are ``bench/overhead.py``'s. Why this is its own bench, in one
 process and interleaved: compile's gain on a CPU is a few percent at most, and this machine's
@@ -8,8 +8,8 @@ speed drifts by more than that between runs minutes apart (the same eager loop: 
 step); eager and compiled steps taken in alternating rounds of ``--steps`` see the same drift.
 
 * ``model``: bigtrain's step (:class:`bigtrain.parallel.base.Backend` ``measure`` + ``update``,
-  fused AdamW) with the blocks eager against the blocks compiled as ``parallel.compile=true``
-  compiles them (:func:`bigtrain.parallel.base.prepare_blocks`); the same weights, the same batch.
+  fused AdamW) with ``parallel.compile=false`` against ``true`` (the backend compiles each block
+  in :func:`bigtrain.parallel.base.prepare_blocks`); the same weights, the same batch.
 * ``optimizer``: the optimizer step alone on the model's parameters with fixed gradients:
   bigtrain's fused AdamW against the plain (for-loop) AdamW under ``torch.compile``, which is
   torch's recipe for a compiled optimizer (inductor fuses the update into its own kernels).
@@ -39,7 +39,6 @@ import torch  # noqa: E402
 from bigtrain.data.loader import Batch  # noqa: E402
 from bigtrain.model.gpt import GPT  # noqa: E402
 from bigtrain.parallel.backend import LocalBackend  # noqa: E402
-from bigtrain.parallel.base import prepare_blocks  # noqa: E402
 from bigtrain.parallel.env import DistEnv  # noqa: E402
 from overhead import size_config  # noqa: E402
 
@@ -77,16 +76,13 @@ def summary(result: dict, compile_s: float, default: str, compiled: str) -> dict
 
 
 def measure_model(name: str, device: torch.device, tmp: Path, rounds: int, steps: int) -> dict:
-    cfg, (data, train, _) = size_config(name, tmp, 10)
+    cfg, (_, train, _) = size_config(name, tmp, 10)
     env = DistEnv(0, 1, 0, device)
     backends = {}
-    for kind in ("eager", "compiled"):
+    for kind, compile_ in (("eager", False), ("compiled", True)):  # the backend compiles as bigtrain does
+        run_cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"compile": compile_})})
         torch.manual_seed(cfg.seed)
-        model = GPT(cfg.model).to(device)
-        if kind == "compiled":
-            prepare_blocks(model, cfg.model_copy(update={"parallel": cfg.parallel.model_copy(
-                update={"compile": True})}), device)
-        backends[kind] = LocalBackend(model, cfg, env)
+        backends[kind] = LocalBackend(GPT(cfg.model).to(device), run_cfg, env)
     seq, rows = cfg.model.seq_len, cfg.batch.global_size
     tokens = torch.from_numpy(train.batch(range(rows), seq)).to(device)
     batch = Batch(0, rows, None, None, tokens)
