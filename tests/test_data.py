@@ -135,9 +135,17 @@ def test_prepare_text_glob_and_read_back(tmp_path):
     assert batch.dtype == np.int64 and batch.shape == (3, 64) and batch[1].tolist() == expected[:64]
     with pytest.raises(IndexError):
         split.sample(split.num_samples(L), L)
+    with pytest.raises(IndexError, match="outside"):
+        split.batch([0, split.num_samples(L)], L)
     head, tail = split.tail(0.25)
     assert head.tokens + tail.tokens == split.tokens and tail.tokens == round(split.tokens * 0.25)
     assert tail.sample(0, 9).tolist() == expected[head.tokens:head.tokens + 10]
+    # a batch is gathered per shard: every window, those across a shard boundary too, in any order
+    # and repeated, from a split that starts inside a shard, is the row-by-row read
+    for part, seq in ((split, L), (tail, 9), (head, 36)):
+        rows = np.random.default_rng(0).permutation(np.repeat(np.arange(part.num_samples(seq)), 2))
+        assert part.batch(rows, seq).tolist() == [part.sample(int(i), seq).tolist() for i in rows]
+    assert split.batch([], L).shape == (0, 64)
 
 
 def test_prepare_single_file(tmp_path, prose):

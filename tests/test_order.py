@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigtrain.config import BatchConfig, ConfigError
-from bigtrain.data.order import SampleOrder, batch_size_at, permutation, permute
+from bigtrain.data.order import SampleOrder, _encrypt, batch_size_at, permutation, permute
 
 SMALL_N = [1, 2, 3, 4, 5, 7, 8, 16, 17, 97, 256, 1000, 1009, 1024, 4099]
 seeds = st.integers(min_value=-(2**40), max_value=2**40)
@@ -41,9 +41,24 @@ def test_permutation_is_pinned():
 def test_small_and_large_index_arrays_agree(n, seed, epoch, size, data):
     """Up to 32 indices are walked on Python ints, more in numpy: one permutation either way."""
     idx = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=size, max_size=size)), dtype=np.int64)
-    whole = permute(n, seed, epoch, idx)  # numpy
-    pieces = [permute(n, seed, epoch, idx[i:i + 7]) for i in range(0, size, 7)]  # Python ints
+    whole = _encrypt(n, seed, epoch, idx)  # numpy (permute itself may look consecutive indices up in a block)
+    pieces = [_encrypt(n, seed, epoch, idx[i:i + 7]) for i in range(0, size, 7)]  # Python ints
     assert whole.dtype == np.int64 and np.array_equal(whole, np.concatenate(pieces))
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.one_of(st.integers(1, 20_000), st.integers(1, 2**62)), seed=seeds, epoch=st.integers(0, 10**6),
+       size=st.integers(4, 600), data=st.data())
+def test_consecutive_indices_from_cached_blocks_agree(n, seed, epoch, size, data):
+    """A step's consecutive indices are looked up in cached 4096-index blocks (also across a block
+    boundary and at the epoch's end): the same numbers as each index computed on its own."""
+    size = min(size, n)
+    start = data.draw(st.sampled_from(sorted({0, max(0, n - size), max(0, min(n - size, 4096 - size // 2))})))
+    idx = np.arange(start, start + size, dtype=np.int64)
+    looked_up = permute(n, seed, epoch, idx)
+    assert np.array_equal(looked_up, [permute(n, seed, epoch, idx[i:i + 1])[0] for i in range(size)])
+    if size % 2 == 0:  # the index's shape is kept
+        assert np.array_equal(permute(n, seed, epoch, idx.reshape(2, -1)), looked_up.reshape(2, -1))
 
 
 def test_permute_huge_n_is_cheap():
