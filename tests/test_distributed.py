@@ -176,6 +176,18 @@ def test_launch_prints_and_runs_torchrun_for_fsdp(prose_bytes, tmp_path):
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row] == [1, 2, 3]
 
 
+def test_a_rank_of_a_job_leaves_with_its_output_written():
+    """A process of a multi-process job (WORLD_SIZE > 1) ends with os._exit (bigtrain/__main__.py),
+    after flushing: what it printed to a buffered pipe is all there, and so is its exit status."""
+    env = {k: v for k, v in rank_env().items() if k != "PYTHONUNBUFFERED"}  # stdout buffered: a pipe
+    args = ["plan", "configs/smoke.yaml", "model.vocab_size=257"]
+    alone, rank = bigtrain(args, env=env), bigtrain(args, env={**env, "WORLD_SIZE": "2"})
+    assert rank.returncode == alone.returncode == 0 and "bigtrain plan:" in alone.stdout
+    assert rank.stdout == alone.stdout
+    bad = bigtrain(["plan", "configs/smoke.yaml", "model.n_layer=0"], env={**env, "WORLD_SIZE": "2"})
+    assert bad.returncode == 2 and bad.stderr.strip() and not bad.stdout
+
+
 def test_launch_commands_for_deepspeed_and_several_nodes(prose_bytes, tmp_path):
     overrides = [f"data.path={prose_bytes}", f"run_dir={tmp_path}", "batch.micro_size=2"]
     ds = build("configs/gpt2-124m-zero3.yaml", overrides, Topology(4))

@@ -191,11 +191,10 @@ def init_distributed(device_kind: str = "auto", group: bool = False) -> DistEnv:
 
 
 def shutdown() -> None:
-    """Leave the process group at a normal end, every rank together: a rank that tears its
-    connections down while a peer still completes its last collective can make gloo abort
-    that peer at exit (SIGABRT, "terminate called without an active exception"; seen once
-    in a CI run of 517 tests, not reproduced in 6 reruns). Error paths never get here
-    (:func:`fail_fast` leaves with ``os._exit``)."""
+    """Leave the process group at a normal end, every rank together, so no rank tears its
+    connections down while a peer still completes its last collective. The process then
+    leaves with ``os._exit`` (``bigtrain/__main__.py``: gloo could abort a finished rank in the
+    interpreter's teardown). Error paths never get here (:func:`fail_fast` leaves with ``os._exit``)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
