@@ -69,10 +69,10 @@ class TokenSplit:
         One gather per shard, not a read per row: the loader's thread runs this while it holds
         the GIL the training step needs, and a row at a time cost about 15 us (a 512-row batch:
         8 ms). Only a window that crosses a shard boundary is read on its own."""
-        idx, width = np.asarray(indices, dtype=np.int64).reshape(-1), seq_len + 1
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples(seq_len)):
-            bad = idx[(idx < 0) | (idx >= self.num_samples(seq_len))][0]
-            raise IndexError(f"sample {bad} outside [0, {self.num_samples(seq_len)}) at seq_len={seq_len}")
+        idx, width, n = np.asarray(indices, dtype=np.int64).reshape(-1), seq_len + 1, self.num_samples(seq_len)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][0]
+            raise IndexError(f"sample {bad} outside [0, {n}) at seq_len={seq_len}")
         starts = self.start + idx * width  # in the concatenated shards
         shard = np.searchsorted(self._offsets, starts, side="right") - 1
         inside = starts + width <= self._offsets[shard + 1]

@@ -111,11 +111,12 @@ def permute(n: int, seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
     idx = np.asarray(index, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise IndexError(f"index outside [0, {n})")
-    blocks = np.unique(idx // _BLOCK)
+    block_of = idx // _BLOCK
+    blocks = np.unique(block_of)
     if idx.size < _BLOCK and idx.size >= 4 * blocks.size:  # mostly consecutive: look them up in cached blocks
         out = np.empty(idx.shape, dtype=np.int64)
         for block in blocks.tolist():
-            where = idx // _BLOCK == block
+            where = block_of == block
             out[where] = _permuted_block(n, seed, epoch, block)[idx[where] - block * _BLOCK]
         return out
     return _encrypt(n, seed, epoch, idx)
