@@ -1,7 +1,7 @@
 """bigtrain's fixed per-step cost: its training loop against a bare nanoGPT-style loop.
 
     python bench/overhead.py [--sizes tiny,25M,124M] [--repeats 3] [--timed-steps N]
-                             [--recipe-steps 2000] [--recipe-repeats 2]
+                             [--recipe-steps 2000] [--recipe-repeats 3]
 
 Prints one JSON object. Three sizes (fp32 for the char model as nanoGPT runs it on a CPU,
 bf16 autocast for the others):
@@ -29,8 +29,10 @@ the figure to trust on a machine whose speed drifts between runs.
 ``recipe``: the whole small recipe (``tiny``, ``--recipe-steps`` steps, eval every 250 steps on
 20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
 ``python -m bigtrain train`` against this file's ``--bare-recipe`` mode (the same work in a
-bare loop, ``torch.save`` at the end), alternating which goes first, with the children's CPU
-time next to the wall time. What ``torch.compile`` buys is measured by ``bench/compile.py``.
+bare loop, ``torch.save`` at the end) twice: with bigtrain's fused AdamW (``bare``: what the loop
+around the model costs) and with the AdamW nanoGPT's ``train.py`` builds off CUDA, torch's default
+(``bare_torch_adamw``: the loop as a user writes it); the order rotated between repeats, the
+children's CPU time next to the wall time. What ``torch.compile`` buys is measured by ``bench/compile.py``.
 
 The machine may be shared: wall timings are noisy; see ``load_before``/``load_after`` (and
 prefer the CPU figures while the load average is above the number of cores).
@@ -58,7 +60,7 @@ from bigtrain.config import load_config
 from bigtrain.data.prepare import prepare
 from bigtrain.data.splits import open_splits
 from bigtrain.model.gpt import GPT, lm_loss
-from bigtrain.optim import build_optimizer, lr_at
+from bigtrain.optim import build_optimizer, lr_at, param_groups
 from bigtrain.parallel.base import prepare_blocks
 from bigtrain.parallel.env import DistEnv
 from bigtrain.phases import PHASES, phase
@@ -102,14 +104,19 @@ def size_config(name: str, tmp: Path, steps: int):
 
 # ---------------------------------------------------------------- the bare loop (nanoGPT's shape)
 class BareStep:
-    """nanoGPT's training step around bigtrain's model and optimizer: random windows read
-    synchronously, forward and backward, ``clip_grad_norm_``, AdamW; the loss read on logging steps."""
+    """nanoGPT's training step around bigtrain's model: random windows read synchronously,
+    forward and backward, ``clip_grad_norm_``, AdamW; the loss read on logging steps.
 
-    def __init__(self, cfg, split):
+    ``optimizer``: ``"fused"`` is bigtrain's own AdamW (torch's fused kernel), so that the two
+    loops differ only in what the loop around the model does; ``"torch"`` is AdamW as nanoGPT's
+    ``configure_optimizers`` builds it off CUDA, torch's default implementation (a loop over the
+    parameters on a CPU): the same hyperparameters and groups, the loop a user writes."""
+
+    def __init__(self, cfg, split, optimizer: str = "fused"):
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model)
         prepare_blocks(self.model, cfg, torch.device("cpu"))  # per-block compile where bigtrain's rule would
-        self.opt = build_optimizer(self.model, cfg)
+        self.opt = build_optimizer(self.model, cfg) if optimizer == "fused" else torch_adamw(self.model, cfg)
         self.cfg, self.split, self.it = cfg, split, 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -137,11 +144,17 @@ class BareStep:
                 print(f"iter {self.it}: loss {loss.item():.4f}", flush=True)
 
 
+def torch_adamw(model, cfg) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
+                             betas=tuple(o.betas), eps=o.eps)
+
+
 def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None,
-              warm: int = 0) -> list[tuple]:
+              warm: int = 0, optimizer: str = "fused") -> list[tuple]:
     """nanoGPT's training loop (:class:`BareStep`, an eval every ``evals[0]`` steps); returns each
     step's :func:`mark` (the phase clock counts from step ``warm`` on)."""
-    step, marks = BareStep(cfg, split), []
+    step, marks = BareStep(cfg, split, optimizer), []
     for it in range(steps):
         marks.append(mark(len(marks) == warm))
         step(log_every)
@@ -323,36 +336,48 @@ def recipe_args(tmp: Path, steps: int, run_dir: Path) -> list[str]:
 
 
 def bare_recipe(args: list[str]) -> None:
-    """This file's ``--bare-recipe`` mode: the recipe's work in the bare loop, in a fresh process."""
+    """This file's ``--bare-recipe OPTIMIZER CONFIG OVERRIDES...`` mode: the recipe's work in the
+    bare loop, in a fresh process."""
+    optimizer, args = args[0], args[1:]
     cfg = load_config(args[0], overrides=args[1:])
     _, train, val = open_splits(cfg)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     bare_loop(cfg, train, cfg.schedule.max_steps, cfg.logging.every, Path(cfg.run_dir) / "ckpt.pt",
-              (cfg.eval.every, val, cfg.eval.batches))
+              (cfg.eval.every, val, cfg.eval.batches), optimizer=optimizer)
+
+
+RECIPE_RUNS = {"bare": ["--bare-recipe", "fused"], "bare_torch_adamw": ["--bare-recipe", "torch"], "bigtrain": None}
 
 
 def recipe(tmp: Path, steps: int, repeats: int) -> dict:
+    """Each repeat runs the three recipes back to back, the order rotated from one repeat to the
+    next (none always goes first): bigtrain, the bare loop with bigtrain's fused AdamW (what the
+    loop itself costs), and the bare loop with torch's default AdamW (the loop as written)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    walls, cpus = {"bare": [], "bigtrain": []}, {"bare": [], "bigtrain": []}
+    kinds = list(RECIPE_RUNS)
+    walls, cpus = {k: [] for k in kinds}, {k: [] for k in kinds}
     for r in range(repeats):
-        for kind in ("bare", "bigtrain") if r % 2 == 0 else ("bigtrain", "bare"):  # neither always goes first
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
             run_dir = tmp / f"recipe-{kind}-{r}"
             args = recipe_args(tmp, steps, run_dir)
-            cmd = [sys.executable, __file__, "--bare-recipe", *args] if kind == "bare" else \
-                [sys.executable, "-m", "bigtrain", "train", *args]
+            cmd = [sys.executable, "-m", "bigtrain", "train", *args] if kind == "bigtrain" else \
+                [sys.executable, __file__, *RECIPE_RUNS[kind], *args]
             t0, c0 = time.perf_counter(), children_cpu()
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             walls[kind].append(time.perf_counter() - t0)
             cpus[kind].append(children_cpu() - c0)
-    b, o = statistics.median(walls["bare"]), statistics.median(walls["bigtrain"])
-    cb, co = statistics.median(cpus["bare"]), statistics.median(cpus["bigtrain"])
-    pairs = [o_ / b_ for b_, o_ in zip(walls["bare"], walls["bigtrain"])]  # each repeat's two runs, back to back
-    return {"steps": steps, "repeats": repeats, "bare_s": round(b, 2), "bigtrain_s": round(o, 2),
-            "bigtrain_vs_bare": round(o / b, 4), "pair_ratios": [round(x, 4) for x in pairs],
-            "pair_ratio_median": round(statistics.median(pairs), 4),
-            "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
-            "cpu_s": {"bare": round(cb, 2), "bigtrain": round(co, 2)}, "cpu_bigtrain_vs_bare": round(co / cb, 4),
-            "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in cpus.items()}}
+    out = {"steps": steps, "repeats": repeats,
+           "median_s": {k: round(statistics.median(v), 2) for k, v in walls.items()},
+           "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
+           "cpu_s": {k: round(statistics.median(v), 2) for k, v in cpus.items()},
+           "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in cpus.items()}}
+    for bare in kinds[:2]:  # bigtrain against each bare loop: medians, and each repeat's pair
+        pairs = [o / b for b, o in zip(walls[bare], walls["bigtrain"])]
+        out[f"bigtrain_vs_{bare}"] = {
+            "wall": round(statistics.median(walls["bigtrain"]) / statistics.median(walls[bare]), 4),
+            "cpu": round(statistics.median(cpus["bigtrain"]) / statistics.median(cpus[bare]), 4),
+            "pairs": [round(x, 4) for x in pairs], "pair_median": round(statistics.median(pairs), 4)}
+    return out
 
 
 def children_cpu() -> float:
@@ -367,7 +392,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per loop (default: per size)")
     ap.add_argument("--recipe-steps", type=int, default=2000, help="0: skip the whole-recipe comparison")
-    ap.add_argument("--recipe-repeats", type=int, default=2)
+    ap.add_argument("--recipe-repeats", type=int, default=3)
     ap.add_argument("--bare-recipe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_recipe is not None:
