@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from bigtrain.plan import state_bytes
+from bigtrain.plan import activation_bytes, in_flight_bytes, state_bytes
 from ranks import build, random_batch, run_ranks, train_step, write_record
 
 def live_tensor_bytes() -> int:
@@ -40,24 +40,45 @@ def live_tensor_bytes() -> int:
     return total
 
 
+def allocated_peak(prof) -> int:
+    """The most bytes allocated (and not yet freed) at once while ``prof`` recorded: the
+    profiler's memory events, in order (tensors from before it started are not in them)."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
 def worker(out: str, model: list[str]) -> None:
     cfg, env, backend = build(model)
     batch = random_batch(cfg, env)
-    train_step(backend, batch, cfg)          # Adam's moments exist from here on
-    backend.measure(batch, cfg.batch.micro_size)  # gradients held, activations freed: the state's peak
+    train_step(backend, batch, cfg)          # Adam's moments exist from here on; gradients dropped
+    before = live_tensor_bytes()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        backend.measure(batch, cfg.batch.micro_size)  # gradients held, activations freed: the state's peak
     measured = live_tensor_bytes()
     backend.update(cfg.optim.lr, cfg.optim.grad_clip)
-    tp = cfg.parallel.tp
-    write_record(out, env, {"bytes": measured, "predicted": sum(state_bytes(cfg, env.world // tp, tp).values())})
+    tp, micro = cfg.parallel.tp, cfg.batch.micro_size
+    predicted = sum(state_bytes(cfg, env.world // tp, tp).values())
+    step = activation_bytes(cfg, micro, cfg.parallel.activation_checkpointing, tp, cfg.parallel.loss_parallel) \
+        + in_flight_bytes(cfg, micro, tp, env.world // tp)
+    write_record(out, env, {"bytes": measured, "predicted": predicted,
+                            "peak": before + allocated_peak(prof), "predicted_peak": predicted + step})
 
 
 SIZES = {"small": ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=8192"],
+         "wide-vocab": ["model.n_layer=2", "model.d_model=256", "model.n_head=4", "model.vocab_size=50257"],
          "gpt2-124m": ["model.preset=gpt2-124m"], "gpt2-350m": ["model.preset=gpt2-350m"]}
 # (name, overrides, world sizes)
 RUNS = [("none", [], (1,)), ("fsdp", ["parallel.backend=fsdp"], (1, 2)),
         ("zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"], (1, 2)),
         ("zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"], (1, 2)),
-        ("fsdp-tp2", ["parallel.backend=fsdp", "parallel.tp=2"], (2, 4))]
+        ("fsdp-tp2", ["parallel.backend=fsdp", "parallel.tp=2"], (2, 4)),
+        ("fsdp-table-gathered", ["parallel.backend=fsdp", "parallel.vocab_table=gather"], (2,)),
+        ("fsdp-table-sharded", ["parallel.backend=fsdp", "parallel.vocab_table=sharded"], (2,))]
 
 
 def main() -> None:
@@ -71,17 +92,22 @@ def main() -> None:
     common = [f"model.seq_len={args.seq_len}", "batch.global_size=2", "batch.micro_size=1", "parallel.precision=bf16"]
     if args.worker:
         return worker(args.worker, common + args.extra)
-    gib, result = 2**30, {"measure": "live tensor bytes per rank after backward (gradients held)", "runs": {}}
+    gib, result = 2**30, {"measure": "live tensor bytes per rank after backward (gradients held); peak: those "
+                                     "before the step plus the most allocated at once during it", "runs": {}}
     for size in args.sizes.split(","):
         for name, extra, worlds in (r for r in RUNS if r[0] in args.runs.split(",")):
             for world in worlds:
                 ranks = run_ranks(__file__, world, ["--seq-len", str(args.seq_len), *SIZES[size], *extra],
                                   threads=max(1, 2 // world))
                 measured, predicted = max(r["bytes"] for r in ranks), ranks[0]["predicted"]
+                peak, predicted_peak = max(r["peak"] for r in ranks), ranks[0]["predicted_peak"]
                 result["runs"][f"{size}/{name}/world{world}"] = {
                     "measured_gib": round(measured / gib, 3), "predicted_gib": round(predicted / gib, 3),
-                    "error": round(predicted / measured - 1, 3)}
+                    "error": round(predicted / measured - 1, 3),
+                    "peak_gib": round(peak / gib, 3), "predicted_peak_gib": round(predicted_peak / gib, 3),
+                    "peak_error": round(predicted_peak / peak - 1, 3)}
     result["max_abs_error"] = max(abs(r["error"]) for r in result["runs"].values())
+    result["max_abs_peak_error"] = max(abs(r["peak_error"]) for r in result["runs"].values())
     print(json.dumps(result, indent=1))
 
 

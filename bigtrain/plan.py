@@ -46,10 +46,17 @@ it they are gathered whole. Activation checkpointing (bigtrain/parallel/recomput
 row-parallel ones whole: partial sums before their reduce-scatter), plus one block's worth
 while it is recomputed.
 
-**In flight** while a block runs: FSDP's unsharded gradients of that block in backward (the
-compute dtype, and the fp32 copy it reduce-scatters: ``c + 4`` bytes per block parameter)
-and, with tp > 1, one all-gathered input and one unreduced row-parallel output (2 x 2d per
-token): TP's communication buffers.
+**In flight** while a step runs. FSDP's root group (bigtrain/parallel/fsdp.py: the final norm,
+learned positions and, unless ``parallel.vocab_table`` uses it on its shards, the token table
+and head; ``R`` parameters per rank, the table's rows /tp) is gathered from the forward to the
+end of the backward, and its unsharded gradient lives from the head's backward (the first) to
+the end: ``2c R``. On top of that, either a block's unsharded gradients in backward (the compute
+dtype and the fp32 copy it reduce-scatters: ``c + 4`` bytes per block parameter; 4 in fp32) or,
+at the end, the root's fp32 copy (``4 R`` under bf16), whichever is larger. With the table on its
+shards, the exchange instead: two copies of the micro-batch's logits and the hidden states of
+every rank (``c (2 tokens V + 2 dp tokens d)``, :func:`bigtrain.parallel.vocab_parallel.pays`).
+With tp > 1, one all-gathered input and one unreduced row-parallel output (2 x 2d per token):
+TP's communication buffers.
 
 **Time**: tokens/s = MFU x peak x GPUs / FLOPs per token (``GPT.flops_per_token``, the
 MFU formula), at the stated MFU (default 0.40, a well-tuned dense run; TP's communication
@@ -76,6 +83,7 @@ import torch
 
 from bigtrain.config import Config, ConfigError
 from bigtrain.model.gpt import GPT
+from bigtrain.parallel.fsdp import vocab_sharded
 from bigtrain.parallel.tp import check_tp
 from bigtrain.peak import gpu_peak
 
@@ -156,17 +164,32 @@ def activation_bytes(cfg: Config, micro: int, policy: str, tp: int = 1, loss_par
     return tokens * (sum(per_layer) + head)
 
 
-def in_flight_bytes(cfg: Config, micro: int, tp: int = 1) -> float:
-    """Buffers alive only while a block runs: FSDP's unsharded gradients of the block in backward
-    (the compute dtype, and the fp32 copy it reduce-scatters) and, with tp > 1, one all-gathered
-    input and one unreduced row-parallel output (2 x 2d per token)."""
+def root_params(cfg: Config, tp: int, table_sharded: bool) -> float:
+    """Parameters per rank of FSDP's root group: what the blocks and (when used on its shards)
+    the token table leave, the table's vocabulary rows split over tp."""
+    m, counts = cfg.model, param_counts(cfg)
+    table = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    rest = counts["total"] - m.n_layer * counts["block"] - table  # final norm, learned positions
+    return rest + (0 if table_sharded else table / tp)
+
+
+def in_flight_bytes(cfg: Config, micro: int, tp: int = 1, dp: int = 1) -> float:
+    """Buffers alive only while a step runs (the module docstring's In flight): FSDP's gathered
+    root and its gradient, a block's unsharded gradients or the root's reduce copy, the sharded
+    table's exchange, TP's communication buffers."""
     m, p = cfg.model, cfg.parallel
     a = 2 if p.precision == "bf16" else 4
+    tokens = micro * m.seq_len
+    tp_buffers = 2 * a * m.d_model * tokens if tp > 1 else 0
+    if p.backend != "fsdp":
+        return tp_buffers
     counts = param_counts(cfg)
     block = counts["block_sharded"] / tp + counts["block_whole"]
     unsharded = a + 4 if a == 2 else 4  # bf16: the gradient and its fp32 copy; fp32: one
-    grads = unsharded * block if p.backend == "fsdp" else 0
-    return grads + (2 * a * m.d_model * micro * m.seq_len if tp > 1 else 0)
+    sharded = vocab_sharded(cfg, dp, micro, tp)
+    root = root_params(cfg, tp, sharded)
+    exchange = a * (2 * tokens * m.vocab_size + 2 * dp * tokens * m.d_model) if sharded else 0
+    return 2 * a * root + max((4 if a == 2 else 0) * root, unsharded * block) + exchange + tp_buffers
 
 
 @dataclass
@@ -197,7 +220,7 @@ def memory(cfg: Config, gpus: int, gpu: str, micro: int, policy: str, tp: int, l
     """Per-rank memory of one layout (the time fields are :func:`timed`'s)."""
     state = state_bytes(cfg, gpus // tp, tp)
     act = activation_bytes(cfg, micro, policy, tp, loss_parallel)
-    flight = in_flight_bytes(cfg, micro, tp)
+    flight = in_flight_bytes(cfg, micro, tp, gpus // tp)
     total, capacity = sum(state.values()) + act + flight, gpu_memory_gib(gpu)
     backend = cfg.parallel.backend + (f"-zero{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else "")
     return Estimate(gpus, gpu, backend, tp, gpus // tp, loss_parallel, cfg.batch.global_size, micro, policy,

@@ -1,12 +1,14 @@
 """`bigtrain plan`: its parameter arithmetic equals the real model's, its estimates move the
 way they must, and its suggestion fits where the configured layout does not."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bigtrain.cli import main
-from helpers import REPO
+from helpers import REPO, rank_env
 from bigtrain.config import load_config
 from bigtrain.model.gpt import GPT
 from bigtrain.plan import estimate, param_counts, plan, state_bytes
@@ -105,6 +107,23 @@ def test_tensor_parallel_state_divides_the_sharded_parameters(config):
         assert state["params"] + state["grads"] + state["optimizer"] == pytest.approx(16 * (sharded / tp + whole) / dp)
     one, two = state_bytes(cfg, 8, 1), state_bytes(cfg, 8, 2)
     assert two["optimizer"] == pytest.approx(one["optimizer"] / 2, rel=0.02)  # ~half: whole is < 2%
+
+
+def test_the_fsdp_step_peak_is_what_two_real_ranks_allocate_with_the_table_gathered_or_sharded():
+    """The plan's per-rank peak of a step (state, activations, in flight) against the tensors two
+    real FSDP ranks hold at once during a bf16 step (bench/memory.py: the profiler's allocation
+    events on top of what lived before). A model whose token table outweighs its blocks, so that
+    FSDP's gathered root (the table, its gradient and reduce copy: about 8 bytes a parameter)
+    dominates the step when the table is gathered, and the exchange when it is used on its shards."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--sizes", "wide-vocab", "--seq-len", "32",
+                        "--runs", "fsdp-table-gathered,fsdp-table-sharded"],
+                       cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(r.stdout)["runs"]
+    gathered, sharded = runs["wide-vocab/fsdp-table-gathered/world2"], runs["wide-vocab/fsdp-table-sharded/world2"]
+    assert gathered["peak_gib"] > 1.2 * sharded["peak_gib"]  # the gathered table is what the layouts differ by
+    for run in (gathered, sharded):
+        assert abs(run["peak_error"]) < 0.2, run
 
 
 @pytest.mark.parametrize("config, gpus, tp", [("llama-70b.yaml", 64, "more"), ("gpt2-1.5b.yaml", 8, 1),

@@ -54,13 +54,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def vocab_sharded(cfg: Config, world: int) -> bool:
+def vocab_sharded(cfg: Config, world: int, micro: int | None = None, tp: int | None = None) -> bool:
     """``parallel.vocab_table``: whether the token table is used on its shards (``auto``: where
-    that holds less than gathering it, :func:`bigtrain.parallel.vocab_parallel.pays`)."""
+    that holds less than gathering it, :func:`bigtrain.parallel.vocab_parallel.pays`), at the
+    config's micro-batch and tp unless given (``bigtrain plan`` asks of other layouts)."""
     p, m = cfg.parallel, cfg.model
-    if p.tp > 1 or p.vocab_table == "gather":
+    micro, tp = micro or cfg.batch.micro_size, tp or p.tp
+    if tp > 1 or p.vocab_table == "gather":
         return False
-    return p.vocab_table == "sharded" or pays(world, cfg.batch.micro_size * m.seq_len, m.vocab_size, m.d_model)
+    return p.vocab_table == "sharded" or pays(world, micro * m.seq_len, m.vocab_size, m.d_model)
 
 
 class FSDPBackend(Backend):
