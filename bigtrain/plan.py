@@ -56,7 +56,9 @@ at the end, the root's fp32 copy (``4 R`` under bf16), whichever is larger. With
 shards, the exchange instead: two copies of the micro-batch's logits and the hidden states of
 every rank (``c (2 tokens V + 2 dp tokens d)``, :func:`bigtrain.parallel.vocab_parallel.pays`).
 With tp > 1, one all-gathered input and one unreduced row-parallel output (2 x 2d per token):
-TP's communication buffers.
+TP's communication buffers. Without sharding (backend ``none``), bf16 autocast's copies of the
+fp32 weights of every matmul (the blocks' projections and the head), which autograd keeps from
+the forward to the backward: 2 bytes a parameter. (DeepSpeed's parameters are bf16 already.)
 
 **Time**: tokens/s = MFU x peak x GPUs / FLOPs per token (``GPT.flops_per_token``, the
 MFU formula), at the stated MFU (default 0.40, a well-tuned dense run; TP's communication
@@ -181,9 +183,11 @@ def in_flight_bytes(cfg: Config, micro: int, tp: int = 1, dp: int = 1) -> float:
     a = 2 if p.precision == "bf16" else 4
     tokens = micro * m.seq_len
     tp_buffers = 2 * a * m.d_model * tokens if tp > 1 else 0
+    counts = param_counts(cfg)
+    if p.backend == "none":  # bf16 autocast's copies of the fp32 matmul weights, kept for backward
+        return 2 * (m.n_layer * counts["block_sharded"] + m.vocab_size * m.d_model) if a == 2 else 0
     if p.backend != "fsdp":
         return tp_buffers
-    counts = param_counts(cfg)
     block = counts["block_sharded"] / tp + counts["block_whole"]
     unsharded = a + 4 if a == 2 else 4  # bf16: the gradient and its fp32 copy; fp32: one
     sharded = vocab_sharded(cfg, dp, micro, tp)
