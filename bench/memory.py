@@ -8,9 +8,13 @@ alive in the rank's process, each storage once: on a CPU the analogue of
 ``torch.cuda.memory_allocated`` at the state's peak (parameters, master weights, Adam
 moments, gradients, communication buffers; the activations are freed by then). The
 prediction is ``bigtrain.plan.state_bytes`` for the same config, data-parallel size and
-tensor-parallel degree; the target is ``error`` within 15%. The layouts: no sharding, FSDP,
-ZeRO-2 and ZeRO-3 on 1 and 2 ranks, and FSDP with tensor parallelism (``parallel.tp=2``) at
-(dp 1, tp 2) and (dp 2, tp 2). Prints one JSON object.
+tensor-parallel degree; the target is ``error`` within 15%. The step's peak too: the tensors
+alive before the step plus the most the profiler's allocation events show allocated at once
+during its forward and backward (``peak_gib``), against the plan's state + activations + in
+flight (``peak_error``). The layouts: no sharding, FSDP, ZeRO-2 and ZeRO-3 on 1 and 2 ranks,
+FSDP with tensor parallelism (``parallel.tp=2``) at (dp 1, tp 2) and (dp 2, tp 2), and FSDP with
+the token table gathered by its root or used on its shards (``parallel.vocab_table``; the
+``wide-vocab`` size is the one whose table outweighs its blocks). Prints one JSON object.
 """
 from __future__ import annotations
 
