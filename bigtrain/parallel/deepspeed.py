@@ -60,6 +60,7 @@ from bigtrain.model.init import initial_weights, is_meta, materialize, on_device
 from bigtrain.optim import param_groups, set_lr
 from bigtrain.parallel.base import Backend, prepare_blocks
 from bigtrain.parallel.env import DistEnv
+from bigtrain.plan import param_counts
 
 # DeepSpeed calls collectives that torch deprecates; the warning would repeat every step.
 warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
@@ -77,8 +78,13 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     zero: dict = {"stage": p.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
                   "reduce_bucket_size": d2, "allgather_bucket_size": d2}
     if p.zero_stage == 3:  # gather a block ahead; keep only vectors (norms, biases) replicated
+        # and at most two blocks gathered at once, as FSDP does: DeepSpeed's defaults (1e9
+        # parameters live, and kept when reused within 1e9) keep every parameter of a smaller
+        # model gathered from its forward to its backward, a whole bf16 copy on every rank.
+        block = param_counts(cfg)["block"]
         zero |= {"stage3_prefetch_bucket_size": int(0.9 * d2),
-                 "stage3_param_persistence_threshold": 10 * cfg.model.d_model}
+                 "stage3_param_persistence_threshold": 10 * cfg.model.d_model,
+                 "stage3_max_live_parameters": 2 * block, "stage3_max_reuse_distance": block}
     return {
         "train_batch_size": b.global_size,
         "train_micro_batch_size_per_gpu": b.micro_size,
