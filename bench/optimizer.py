@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from bigtrain.model.gpt import GPT, lm_loss
-from bigtrain.optim import build_optimizer, param_groups
+from bigtrain.optim import build_optimizer
 from bigtrain.parallel.base import Backend
-from overhead import CPU, size_config
+from overhead import CPU, size_config, torch_adamw
 
 
 def variants(cfg, model: GPT) -> dict:
@@ -45,11 +45,9 @@ def variants(cfg, model: GPT) -> dict:
         backend._norm = backend.grad_norm()
         backend.update(cfg.optim.lr, clip, apply=torch.ones((), dtype=torch.bool))
     out["bigtrain"] = (backend.model, bigtrain_step)
-    o = cfg.optim
     for name, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("default", {})):
         m = copy.deepcopy(model)
-        opt = torch.optim.AdamW(param_groups(m, o.weight_decay, o.decay_embeddings), lr=o.lr,
-                                betas=tuple(o.betas), eps=o.eps, **kwargs)
+        opt = torch_adamw(m, cfg, **kwargs)
 
         def step(m=m, opt=opt):
             torch.nn.utils.clip_grad_norm_(m.parameters(), clip)

@@ -144,10 +144,11 @@ class BareStep:
                 print(f"iter {self.it}: loss {loss.item():.4f}", flush=True)
 
 
-def torch_adamw(model, cfg) -> torch.optim.AdamW:
+def torch_adamw(model, cfg, **implementation) -> torch.optim.AdamW:
+    """torch's AdamW on bigtrain's groups and settings; ``implementation``: fused=/foreach=."""
     o = cfg.optim
     return torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
-                             betas=tuple(o.betas), eps=o.eps)
+                             betas=tuple(o.betas), eps=o.eps, **implementation)
 
 
 def bare_loop(cfg, split, steps: int, log_every: int = 10, save: Path | None = None, evals=None,
