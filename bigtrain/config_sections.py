@@ -281,6 +281,10 @@ class ParallelConfig(Section):
                             "17-29 s compile repaid within 500 steps) | true | false")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered params after forward (less memory, more traffic)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
+    keep_host_memory: bool | Literal["auto"] = Field(
+        "auto", description="keep freed host memory for reuse instead of returning it to the kernel every step "
+                            "(glibc malloc, bigtrain/host_memory.py): auto (on CPU runs, where it saves the "
+                            "step's page faults) | true | false")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (backend fsdp): attention heads, MLP and vocabulary "
                                          "split over tp ranks, FSDP over the world / tp data-parallel ranks")
     vocab_table: Literal["auto", "gather", "sharded"] = Field(
@@ -303,6 +307,10 @@ class ParallelConfig(Section):
         if self.compile != "auto":
             return self.compile
         return device == "cuda" or (params >= CPU_COMPILE_MIN_PARAMS and steps >= CPU_COMPILE_MIN_STEPS)
+
+    def keeps_host_memory(self, device: str) -> bool:
+        """Whether freed host memory is kept (bigtrain/host_memory.py): ``auto`` on the CPU only."""
+        return device == "cpu" if self.keep_host_memory == "auto" else self.keep_host_memory
 
 
 class CheckpointConfig(Section):

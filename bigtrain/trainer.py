@@ -37,6 +37,7 @@ from bigtrain.ema import attach_ema
 from bigtrain.faults import Faults
 from bigtrain.health import Health
 from bigtrain.hf_import import open_weights
+from bigtrain.host_memory import keep_freed_host_memory
 from bigtrain.inflight import InFlight, to_device
 from bigtrain.ledger import Ledger
 from bigtrain.metrics import MetricsLogger
@@ -102,6 +103,8 @@ class Trainer:
 
         if cfg.parallel.deterministic:
             torch.use_deterministic_algorithms(True)
+        if cfg.parallel.keeps_host_memory(env.device.type):
+            keep_freed_host_memory()  # before the model: every later step reuses its memory
         seed_everything(cfg.seed)
         with torch.device("meta"):  # no storage: the backend materialises this rank's shards (model/init.py)
             self.model = GPT(cfg.model)
