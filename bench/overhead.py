@@ -34,6 +34,10 @@ around the model costs) and with the AdamW nanoGPT's ``train.py`` builds off CUD
 (``bare_torch_adamw``: the loop as a user writes it); the order rotated between repeats, the
 children's CPU time next to the wall time. What ``torch.compile`` buys is measured by ``bench/compile.py``.
 
+Host memory: bigtrain keeps freed memory on CPU runs (``parallel.keep_host_memory``); the
+in-process comparisons run both loops with it (it is process-wide), the recipe's bare loops run
+with glibc's defaults, as a user's script does. What it buys alone: ``bench/allocator.py``.
+
 The machine may be shared: wall timings are noisy; see ``load_before``/``load_after`` (and
 prefer the CPU figures while the load average is above the number of cores).
 """
@@ -59,6 +63,7 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data.prepare import prepare
 from bigtrain.data.splits import open_splits
+from bigtrain.host_memory import keep_freed_host_memory
 from bigtrain.model.gpt import GPT, lm_loss
 from bigtrain.optim import build_optimizer, lr_at, param_groups
 from bigtrain.parallel.base import prepare_blocks
@@ -398,6 +403,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.bare_recipe is not None:
         return bare_recipe(args.bare_recipe)
+    keep_freed_host_memory()  # both in-process loops on the allocator bigtrain's Trainer sets
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
     for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only

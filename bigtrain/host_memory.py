@@ -5,13 +5,14 @@ Why: a training step on the CPU allocates and frees the same large tensors every
 (128 KiB at start, raised up to 32 MiB as it adapts) with a fresh ``mmap`` and returns it with
 ``munmap`` on free, and trims the top of its heap back to the kernel. The next step then
 touches the same amount of brand-new memory, and the kernel zeroes and maps it one 4 KiB page
-at a time. bench/allocator.py on this 2-core CPU (bare training loop, bf16, 1 thread):
-gpt2-124m at context 64, batch 4 takes ~220k page faults and ~0.4 s of kernel time in every
-~1.5 s step; with freed memory kept it takes none, and the step is ~25% shorter for ~9% more
-peak resident memory (a 25M model: 3.3k faults, 8.5 ms of kernel time per step; 0.8M: a few
-hundred faults, well under a millisecond). Intel's PyTorch tuning guide gives the same reason
-for preloading jemalloc or tcmalloc; this needs neither: two ``mallopt`` calls into the glibc
-already loaded raise the mmap threshold to 1 GiB and switch trimming off.
+at a time. bench/allocator.py on this 2-core CPU (bare training loop, one thread, fresh
+processes, medians of paired rounds): gpt2-124m in bf16 at context 64, batch 4 took ~215k page
+faults and ~0.4 s of kernel time in each ~1.66 s step; with freed memory kept, ~300 faults and
+no kernel time, 0.75x the step, for 7% more peak resident memory. A 25M model: ~9k faults and
+16-19 ms of kernel time per ~1 s step, 0.97x; the 0.8M char model: 100-160 faults, 0.3 ms,
+0.92x (both within this machine's spread between processes). Intel's PyTorch tuning guide
+gives the same reason for preloading jemalloc or tcmalloc; this needs neither: two ``mallopt``
+calls into the glibc already loaded raise the mmap threshold to 1 GiB and switch trimming off.
 
 On CUDA the host's large allocations are batches and checkpoint staging, not the step's
 tensors, and handing memory back is the better default there (``parallel.keep_host_memory``
