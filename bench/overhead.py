@@ -26,17 +26,11 @@ before the loop asked for it. ``interleaved``: the same comparison with the two 
 taken in turn in one process (``--repeats`` x the timed steps of pairs; :func:`measure_interleaved`),
 the figure to trust on a machine whose speed drifts between runs.
 
-``recipe``: the whole small recipe (``tiny``, ``--recipe-steps`` steps, eval every 250 steps on
-20 batches, logging every 10, a checkpoint at the end) as subprocesses, start-up included:
-``python -m bigtrain train`` against this file's ``--bare-recipe`` mode (the same work in a
-bare loop, ``torch.save`` at the end) twice: with bigtrain's fused AdamW (``bare``: what the loop
-around the model costs) and with the AdamW nanoGPT's ``train.py`` builds off CUDA, torch's default
-(``bare_torch_adamw``: the loop as a user writes it); the order rotated between repeats, the
-children's CPU time next to the wall time. What ``torch.compile`` buys is measured by ``bench/compile.py``.
-
-Host memory: bigtrain keeps freed memory on CPU runs (``parallel.keep_host_memory``); the
-in-process comparisons run both loops with it (it is process-wide), the recipe's bare loops run
-with glibc's defaults, as a user's script does. What it buys alone: ``bench/allocator.py``.
+``recipe``: the whole small recipe, start-up included, as separate processes (``--recipe-steps``
+steps, ``--recipe-repeats`` rounds): ``bench/recipe.py``. What ``torch.compile`` buys:
+``bench/compile.py``. Host memory: bigtrain keeps freed memory on CPU runs
+(``parallel.keep_host_memory``, process-wide), so the in-process comparisons here run both loops
+with it; what it buys alone: ``bench/allocator.py``.
 
 The machine may be shared: wall timings are noisy; see ``load_before``/``load_after`` (and
 prefer the CPU figures while the load average is above the number of cores).
@@ -49,10 +43,7 @@ import copy
 import importlib
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,9 +75,6 @@ SIZES = {  # overrides, tokenizer, vocab override, warm-up steps, timed steps
     "124M": (["model.preset=gpt2-124m", "model.seq_len=64", "batch.global_size=4", "batch.micro_size=4",
               "parallel.precision=bf16"], "bytes", 50257, 2, 5),
 }
-RECIPE = ["schedule.warmup_steps=100", "schedule.min_lr=1e-4", "eval.every=250", "eval.batches=20",
-          "logging.every=10", "logging.tensorboard=false", "logging.progress=off", "checkpoint.every=0",
-          "checkpoint.resume=never"]
 
 
 def data_dir(tokenizer: str, tmp: Path) -> str:
@@ -333,65 +321,6 @@ def measure_interleaved(name: str, tmp: Path, steps: int) -> dict:
             "pair_ratio_median": round(statistics.median(b[0] / a[0] for a, b in pairs), 4)}
 
 
-# ---------------------------------------------------------------- the whole small recipe
-def recipe_args(tmp: Path, steps: int, run_dir: Path) -> list[str]:
-    """The recipe as a command line: a config file (the CLI wants one) and overrides."""
-    (tmp / "recipe.yaml").write_text(f"run_dir: {run_dir}\n")
-    return [str(tmp / "recipe.yaml"), *QUIET, *SIZES["tiny"][0], *RECIPE, f"data.path={data_dir('char', tmp)}",
-            f"run_dir={run_dir}", f"schedule.max_steps={steps}"]
-
-
-def bare_recipe(args: list[str]) -> None:
-    """This file's ``--bare-recipe OPTIMIZER CONFIG OVERRIDES...`` mode: the recipe's work in the
-    bare loop, in a fresh process."""
-    optimizer, args = args[0], args[1:]
-    cfg = load_config(args[0], overrides=args[1:])
-    _, train, val = open_splits(cfg)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    bare_loop(cfg, train, cfg.schedule.max_steps, cfg.logging.every, Path(cfg.run_dir) / "ckpt.pt",
-              (cfg.eval.every, val, cfg.eval.batches), optimizer=optimizer)
-
-
-RECIPE_RUNS = {"bare": ["--bare-recipe", "fused"], "bare_torch_adamw": ["--bare-recipe", "torch"], "bigtrain": None}
-
-
-def recipe(tmp: Path, steps: int, repeats: int) -> dict:
-    """Each repeat runs the three recipes back to back, the order rotated from one repeat to the
-    next (none always goes first): bigtrain, the bare loop with bigtrain's fused AdamW (what the
-    loop itself costs), and the bare loop with torch's default AdamW (the loop as written)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    kinds = list(RECIPE_RUNS)
-    walls, cpus = {k: [] for k in kinds}, {k: [] for k in kinds}
-    for r in range(repeats):
-        for kind in kinds[r % 3:] + kinds[:r % 3]:
-            run_dir = tmp / f"recipe-{kind}-{r}"
-            args = recipe_args(tmp, steps, run_dir)
-            cmd = [sys.executable, "-m", "bigtrain", "train", *args] if kind == "bigtrain" else \
-                [sys.executable, __file__, *RECIPE_RUNS[kind], *args]
-            t0, c0 = time.perf_counter(), children_cpu()
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            walls[kind].append(time.perf_counter() - t0)
-            cpus[kind].append(children_cpu() - c0)
-    out = {"steps": steps, "repeats": repeats,
-           "median_s": {k: round(statistics.median(v), 2) for k, v in walls.items()},
-           "all_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
-           "cpu_s": {k: round(statistics.median(v), 2) for k, v in cpus.items()},
-           "all_cpu_s": {k: [round(x, 2) for x in v] for k, v in cpus.items()}}
-    for bare in kinds[:2]:  # bigtrain against each bare loop: medians, and each repeat's pair
-        pairs = [o / b for b, o in zip(walls[bare], walls["bigtrain"])]
-        out[f"bigtrain_vs_{bare}"] = {
-            "wall": round(statistics.median(walls["bigtrain"]) / statistics.median(walls[bare]), 4),
-            "cpu": round(statistics.median(cpus["bigtrain"]) / statistics.median(cpus[bare]), 4),
-            "pairs": [round(x, 4) for x in pairs], "pair_median": round(statistics.median(pairs), 4)}
-    return out
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished children (all their threads)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,25M,124M")
@@ -399,10 +328,7 @@ def main() -> None:
     ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per loop (default: per size)")
     ap.add_argument("--recipe-steps", type=int, default=2000, help="0: skip the whole-recipe comparison")
     ap.add_argument("--recipe-repeats", type=int, default=3)
-    ap.add_argument("--bare-recipe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.bare_recipe is not None:
-        return bare_recipe(args.bare_recipe)
     keep_freed_host_memory()  # both in-process loops on the allocator bigtrain's Trainer sets
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
     out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
@@ -411,6 +337,7 @@ def main() -> None:
         steps = (args.timed_steps or SIZES[name][4]) * args.repeats
         out["sizes"][name]["interleaved"] = measure_interleaved(name, tmp, steps)
     if args.recipe_steps:
+        from recipe import recipe  # bench/recipe.py, which imports this file
         out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
     out["load_after"] = os.getloadavg()[0]
     print(json.dumps(out, indent=2))
