@@ -73,13 +73,13 @@ def main() -> None:
         mode, size, steps, tmp = args.child
         return child(mode, size, int(steps), tmp)
     steps = dict((k, int(v)) for k, v in (s.split("=") for s in args.steps.split(",")))
-    tmp = tempfile.mkdtemp(prefix="bigtrain-allocator-")
-    out = {"threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
-           "load_before": os.getloadavg()[0], "sizes": {}}
-    for size in filter(None, args.sizes.split(",")):
-        out["sizes"][size] = measure(size, steps[size], args.rounds, tmp)
-    out["load_after"] = os.getloadavg()[0]
-    print(json.dumps(out, indent=2))
+    with tempfile.TemporaryDirectory(prefix="bigtrain-allocator-") as tmp:
+        out = {"threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
+               "load_before": os.getloadavg()[0], "sizes": {}}
+        for size in filter(None, args.sizes.split(",")):
+            out["sizes"][size] = measure(size, steps[size], args.rounds, tmp)
+        out["load_after"] = os.getloadavg()[0]
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

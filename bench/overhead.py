@@ -330,17 +330,18 @@ def main() -> None:
     ap.add_argument("--recipe-repeats", type=int, default=3)
     args = ap.parse_args()
     keep_freed_host_memory()  # both in-process loops on the allocator bigtrain's Trainer sets
-    tmp = Path(tempfile.mkdtemp(prefix="bigtrain-overhead-"))
-    out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
-    for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
-        out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
-        steps = (args.timed_steps or SIZES[name][4]) * args.repeats
-        out["sizes"][name]["interleaved"] = measure_interleaved(name, tmp, steps)
-    if args.recipe_steps:
-        from recipe import recipe  # bench/recipe.py, which imports this file
-        out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
-    out["load_after"] = os.getloadavg()[0]
-    print(json.dumps(out, indent=2))
+    with tempfile.TemporaryDirectory(prefix="bigtrain-overhead-") as scratch:  # the runs' checkpoints: GBs at 124M
+        tmp = Path(scratch)
+        out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "sizes": {}}
+        for name in filter(None, args.sizes.split(",")):  # --sizes "": the recipe only
+            out["sizes"][name] = measure_size(name, tmp, args.repeats, timed=args.timed_steps)
+            steps = (args.timed_steps or SIZES[name][4]) * args.repeats
+            out["sizes"][name]["interleaved"] = measure_interleaved(name, tmp, steps)
+        if args.recipe_steps:
+            from recipe import recipe  # bench/recipe.py, which imports this file
+            out["recipe"] = recipe(tmp, args.recipe_steps, args.recipe_repeats)
+        out["load_after"] = os.getloadavg()[0]
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,10 +96,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.bare is not None:
         return bare_recipe(args.bare[0], args.bare[1:])
-    tmp = Path(tempfile.mkdtemp(prefix="bigtrain-recipe-"))
-    out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
-           "recipe": recipe(tmp, args.steps, args.repeats), "load_after": os.getloadavg()[0]}
-    print(json.dumps(out, indent=2))
+    with tempfile.TemporaryDirectory(prefix="bigtrain-recipe-") as scratch:  # the runs' directories
+        tmp = Path(scratch)
+        out = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+               "recipe": recipe(tmp, args.steps, args.repeats), "load_after": os.getloadavg()[0]}
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
