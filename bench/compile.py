@@ -37,6 +37,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bigtra
 import torch  # noqa: E402
 
 from bigtrain.data.loader import Batch  # noqa: E402
+from bigtrain.host_memory import keep_freed_host_memory  # noqa: E402
 from bigtrain.model.gpt import GPT  # noqa: E402
 from bigtrain.parallel.backend import LocalBackend  # noqa: E402
 from bigtrain.parallel.env import DistEnv  # noqa: E402
@@ -132,6 +133,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # as bigtrain's CPU runs do (parallel.keep_host_memory: auto)
     steps = dict((k, int(v)) for k, v in (s.split("=") for s in args.steps.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="bigtrain-compile-"))
     out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,

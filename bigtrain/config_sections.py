@@ -261,7 +261,8 @@ class EMAConfig(Section):
 # Where ``auto`` compiles on the CPU. bench/compile.py on this 2-core CPU: compiled blocks take
 # 0.95x the eager step at 25M parameters and 0.97x at 124M for 17-18 s of compile (repaid after
 # ~290 and ~470 steps), 0.93x at 0.8M for 29 s (after ~6700 steps); smoke runs, tests and
-# short checks would only wait for it.
+# short checks would only wait for it. With freed host memory kept (keep_host_memory): 0.90x at
+# 25M, 1.00-1.02x at 124M (compile no longer pays there; not yet changed on two noisy runs).
 CPU_COMPILE_MIN_PARAMS, CPU_COMPILE_MIN_STEPS = 10_000_000, 1000
 
 
