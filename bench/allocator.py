@@ -32,9 +32,7 @@ def child(mode: str, size: str, steps: int, tmp: str) -> None:
     if mode == "kept":
         from bigtrain.host_memory import keep_freed_host_memory
         assert keep_freed_host_memory(), "this libc has no mallopt (not glibc)"
-    import torch  # noqa: F401  after the setting: torch's own start-up allocations see it too
-
-    import overhead
+    import overhead  # after the setting: torch's own start-up allocations see it too
     cfg, (_, train, _) = overhead.size_config(size, Path(tmp), steps)
     step = overhead.BareStep(cfg, train)
     for _ in range(WARM[size]):
@@ -54,7 +52,7 @@ def measure(size: str, steps: int, rounds: int, tmp: str) -> dict:
     for r in range(rounds):
         for mode in (("default", "kept") if r % 2 == 0 else ("kept", "default")):
             out = subprocess.run([sys.executable, __file__, "--child", mode, size, str(steps), tmp],
-                                 check=True, capture_output=True, text=True, env=dict(os.environ))
+                                 check=True, capture_output=True, text=True)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {mode: {k: round(statistics.median(run[k] for run in v), 2) for k in v[0]} for mode, v in runs.items()}
     return {"steps": steps, "rounds": rounds, **med,
